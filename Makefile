@@ -1,0 +1,66 @@
+# dlnotes — set-up, book, tests. `make book` and `make test` work on a fresh machine with Python >= 3.10.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DATA   := data/shapes
+NOTEBOOKS := $(sort $(wildcard book/*.ipynb))
+# Keep TensorFlow's C++ start-up chatter out of notebook outputs and test logs.
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+export PYTHONHASHSEED ?= 0
+
+.PHONY: help install data book test unit notebooks execute bench lint format clean
+
+help:
+	@echo "make book       create .venv, install dlnotes, generate the data set, build the HTML book into _build/html"
+	@echo "make test       unit tests, then every notebook through nbval"
+	@echo "make unit       unit tests only"
+	@echo "make notebooks  nbval on the stored notebooks only"
+	@echo "make execute    re-run every notebook top to bottom and store its outputs"
+	@echo "make bench      run the benchmarks in benchmarks/"
+	@echo "make lint       ruff check + format check"
+
+# The venv is (re)built when pyproject.toml changes; a stamp file records a finished install.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[book,test,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Idempotent: the generator does nothing when the manifest matches and all files exist.
+data: install
+	$(PY) -m dlnotes.data.shapes --out $(DATA)
+
+book: install data
+	$(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going
+	@echo "The book is in _build/html/index.html"
+
+unit: install data
+	$(PY) -m pytest tests -q
+
+notebooks: install data
+	$(PY) -m pytest --nbval --nbval-current-env --nbval-sanitize-with book/sanitize.cfg \
+		-q $(NOTEBOOKS)
+
+test: unit notebooks
+
+execute: install data
+	for nb in $(NOTEBOOKS); do \
+		$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+			--ExecutePreprocessor.timeout=600 --ExecutePreprocessor.kernel_name=python3 $$nb || exit 1; \
+	done
+
+bench: install
+	$(PY) benchmarks/iou_matching.py
+
+lint: install
+	$(VENV)/bin/ruff check dlnotes tests benchmarks book
+	$(VENV)/bin/ruff format --check dlnotes tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff format dlnotes tests benchmarks
+	$(VENV)/bin/ruff check --fix dlnotes tests benchmarks
+
+clean:
+	rm -rf _build
