@@ -7,6 +7,8 @@ NOTEBOOKS := $(sort $(wildcard book/*.ipynb))
 # Keep TensorFlow's C++ start-up chatter out of notebook outputs and test logs.
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYTHONHASHSEED ?= 0
+# Notebook kernels read book/.ipython (keeps TensorFlow's C++ log lines out of stored outputs).
+export IPYTHONDIR := $(CURDIR)/book/.ipython
 
 .PHONY: help install data book test unit notebooks execute bench lint format clean
 
@@ -47,8 +49,9 @@ test: unit notebooks
 
 execute: install data
 	for nb in $(NOTEBOOKS); do \
-		$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
-			--ExecutePreprocessor.timeout=600 --ExecutePreprocessor.kernel_name=python3 $$nb || exit 1; \
+		echo "executing $$nb"; \
+		(cd book && ../$(VENV)/bin/jupyter execute --inplace --timeout=600 \
+			--kernel_name=python3 $$(basename $$nb)) || exit 1; \
 	done
 
 bench: install
