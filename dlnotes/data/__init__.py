@@ -24,6 +24,8 @@ _SOURCE = {
     "KEYPOINT_FLIP_PAIRS": "shapes",
     "render_sample": "shapes",
     "generate_shapes_dataset": "shapes",
+    "default_data_dir": "shapes",
+    "load_shapes": "shapes",
     "CocoDataset": "coco",
     "CocoDataWarning": "coco",
     "resize": "transforms",
@@ -43,6 +45,8 @@ __all__ = [
     "KEYPOINT_FLIP_PAIRS",
     "render_sample",
     "generate_shapes_dataset",
+    "default_data_dir",
+    "load_shapes",
     "CocoDataset",
     "CocoDataWarning",
     "resize",
@@ -62,7 +66,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
         KEYPOINT_FLIP_PAIRS,
         KEYPOINT_NAMES,
         KEYPOINT_SKELETON,
+        default_data_dir,
         generate_shapes_dataset,
+        load_shapes,
         render_sample,
     )
     from dlnotes.data.transforms import (

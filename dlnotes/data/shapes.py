@@ -55,6 +55,8 @@ __all__ = [
     "GENERATOR_VERSION",
     "render_sample",
     "generate_shapes_dataset",
+    "default_data_dir",
+    "load_shapes",
     "main",
 ]
 
@@ -587,6 +589,46 @@ def generate_shapes_dataset(
     manifest["keypoint_names"] = list(KEYPOINT_NAMES)
     _write_bytes(paths["manifest"], _dump_json(manifest))
     return paths
+
+
+DATA_ENV_VAR = "DLNOTES_DATA"
+"""Environment variable naming the folder of the default data set (overrides the search)."""
+
+
+def default_data_dir() -> Path:
+    """Where the book's default data set lives.
+
+    ``$DLNOTES_DATA`` if set; otherwise ``data/shapes`` of the first folder, from the current
+    working directory upwards, that holds a ``data/`` folder next to a ``pyproject.toml`` or a
+    ``book/`` folder (the repository root, so a notebook running in ``book/`` finds
+    ``../data/shapes``); otherwise ``./data/shapes`` (e.g. on Colab).
+    """
+    if os.environ.get(DATA_ENV_VAR):
+        return Path(os.environ[DATA_ENV_VAR])
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        is_root = (folder / "pyproject.toml").is_file() or (folder / "book").is_dir()
+        if is_root and (folder / "data").is_dir():
+            return folder / "data" / "shapes"
+    return here / "data" / "shapes"
+
+
+def load_shapes(split: str = "train", root: str | os.PathLike | None = None, on_invalid="raise"):
+    """The book's data set split as a :class:`dlnotes.data.coco.CocoDataset`.
+
+    Generates the default data set into ``root`` (default :func:`default_data_dir`) first if its
+    annotation file is missing; an existing data set (default or not) is loaded as it is, never
+    regenerated or overwritten.
+    """
+    if split not in _SPLITS:
+        raise ValueError(f"`split` must be one of {_SPLITS}, got {split!r}.")
+    root = Path(root) if root is not None else default_data_dir()
+    annotations = root / "annotations" / f"instances_{split}.json"
+    if not annotations.is_file():
+        generate_shapes_dataset(root)
+    from dlnotes.data.coco import CocoDataset  # lazy: keeps the CLI free of TensorFlow
+
+    return CocoDataset(annotations, root / split, on_invalid=on_invalid)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -312,3 +312,38 @@ def test_cli(tmp_path, capsys):
     assert "RuntimeWarning" not in result.stderr
     assert (tmp_path / "m" / "manifest.json").is_file()
     assert shapes.GENERATOR_VERSION >= 1
+
+
+def test_default_data_dir_finds_repository_data(tmp_path, monkeypatch):
+    from dlnotes.data.shapes import DATA_ENV_VAR, default_data_dir
+
+    monkeypatch.delenv(DATA_ENV_VAR, raising=False)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "book").mkdir()
+    monkeypatch.chdir(tmp_path / "book")
+    assert default_data_dir() == tmp_path.resolve() / "data" / "shapes"
+    monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path / "elsewhere"))
+    assert default_data_dir() == tmp_path / "elsewhere"
+
+
+def test_load_shapes_generates_once_and_never_regenerates(tmp_path, monkeypatch):
+    from dlnotes.data import shapes
+
+    calls = []
+    real = shapes.generate_shapes_dataset
+
+    def tiny(root):  # the default set is large; the logic under test is the same
+        calls.append(root)
+        return real(root, num_train=3, num_val=2, image_size=64, max_objects=3)
+
+    monkeypatch.setattr(shapes, "generate_shapes_dataset", tiny)
+    root = tmp_path / "shapes"
+    val = shapes.load_shapes("val", root=root)
+    assert len(val) == 2 and val.num_classes == len(shapes.CLASS_NAMES)
+    manifest_time = (root / "manifest.json").stat().st_mtime_ns
+    train = shapes.load_shapes("train", root=root)
+    assert len(train) == 3
+    assert calls == [root]  # second call loads what is there
+    assert (root / "manifest.json").stat().st_mtime_ns == manifest_time
+    with pytest.raises(ValueError, match="split"):
+        shapes.load_shapes("test", root=root)
