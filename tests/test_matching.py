@@ -1,0 +1,390 @@
+"""Tests of dlnotes.matching: anchor states, forced matches, border rule, balanced sampling."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dlnotes.matching import Matches, gather_matched, match_anchors, sample_balanced
+
+F = np.float32
+
+
+def _match(anchors, gt_boxes, gt_labels, *args, **kwargs):
+    """match_anchors on NumPy inputs -> NumPy (states, matched_gt, matched_iou)."""
+    m = match_anchors(
+        np.asarray(anchors, F), np.asarray(gt_boxes, F), np.asarray(gt_labels), *args, **kwargs
+    )
+    return m.states.numpy(), m.matched_gt.numpy(), m.matched_iou.numpy()
+
+
+def _iou64(a, b):
+    """float64 IoU of xyxy boxes a (N, 4) and b (M, 4) -> (N, M)."""
+    a = np.asarray(a, np.float64)[:, None, :]
+    b = np.asarray(b, np.float64)[None, :, :]
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = iw * ih
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / np.maximum(area_a + area_b - inter, 1e-12)
+
+
+def _reference_match(
+    anchors, gt_boxes, gt_labels, pos, neg, force_best, level_sizes=None, image_shape=None, border=0
+):
+    """Loop-based float64 reference of the matching rule, written from the docstring."""
+    batch, num_anchors = gt_boxes.shape[0], anchors.shape[0]
+    states = np.zeros((batch, num_anchors), np.int64)
+    matched = np.zeros((batch, num_anchors), np.int64)
+    matched_iou = np.zeros((batch, num_anchors))
+    if level_sizes is None:
+        level_sizes = [num_anchors]
+    bounds = np.cumsum([0, *level_sizes])
+    inside = np.ones(num_anchors, bool)
+    if image_shape is not None:
+        h, w = image_shape
+        inside = (
+            (anchors[:, 0] >= -border)
+            & (anchors[:, 1] >= -border)
+            & (anchors[:, 2] <= w + border)
+            & (anchors[:, 3] <= h + border)
+        )
+    for b in range(batch):
+        boxes, labels = gt_boxes[b], gt_labels[b]
+        valid = (labels >= 0) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        iou = _iou64(anchors, boxes) if len(boxes) else np.zeros((num_anchors, 0))
+        iou[:, ~valid] = -1.0
+        iou[~inside, :] = -1.0
+        for a in range(num_anchors):
+            row = iou[a]
+            best = row.max() if len(row) else -1.0
+            arg = int(np.argmax(row)) if len(row) else 0
+            states[b, a] = 1 if best >= pos else (0 if best < neg else -1)
+            matched[b, a], matched_iou[b, a] = arg, max(best, 0.0)
+        if force_best is not None:
+            forced_by = {}
+            for g in range(len(boxes)):
+                levels = (
+                    [(0, num_anchors)]
+                    if force_best == "global"
+                    else list(zip(bounds[:-1], bounds[1:], strict=True))
+                )
+                for lo, hi in levels:
+                    column = iou[lo:hi, g]
+                    if column.size == 0 or column.max() <= 0:
+                        continue
+                    for a in np.flatnonzero(column == column.max()) + lo:
+                        forced_by.setdefault(int(a), []).append(g)
+            for a, gts in forced_by.items():
+                g = max(gts, key=lambda g, a=a: (iou[a, g], -g))  # highest IoU, first on ties
+                states[b, a], matched[b, a], matched_iou[b, a] = 1, g, iou[a, g]
+        states[b, ~inside] = -1
+    return states, matched, matched_iou
+
+
+# --- hand-made cases --------------------------------------------------------------------------
+
+
+def test_thresholds_and_ignore_band():
+    gt = [[[0, 0, 10, 10]]]
+    anchors = [
+        [0, 0, 10, 10],  # IoU 1        -> positive
+        [0, 0, 10, 15],  # 100/150      -> positive
+        [0, 0, 10, 22],  # 100/220=.45  -> ignore
+        [0, 0, 10, 30],  # 100/300=.33  -> negative
+        [50, 50, 60, 60],  # 0          -> negative
+    ]
+    states, matched, iou = _match(anchors, gt, [[3]], force_best=None)
+    np.testing.assert_array_equal(states, [[1, 1, -1, 0, 0]])
+    np.testing.assert_array_equal(matched, [[0, 0, 0, 0, 0]])
+    np.testing.assert_allclose(iou, [[1.0, 100 / 150, 100 / 220, 100 / 300, 0.0]], rtol=1e-5)
+    # Equal thresholds: no ignore band; 0.45 >= 0.45 is positive, 0.33 negative.
+    states, _, _ = _match(anchors, gt, [[3]], 0.45, 0.45, force_best=None)
+    np.testing.assert_array_equal(states, [[1, 1, 1, 0, 0]])
+
+
+def test_all_ignore_band():
+    gt = [[[0, 0, 10, 10]]]
+    anchors = [[0, 0, 10, 22], [0, 0, 22, 10]]  # both IoU 0.4545
+    states, _, _ = _match(anchors, gt, [[0]], force_best=None)
+    np.testing.assert_array_equal(states, [[-1, -1]])
+
+
+def test_tie_between_two_anchors_both_forced():
+    gt = [[[0, 0, 10, 10]]]
+    anchors = [[-5, 0, 5, 10], [5, 0, 15, 10], [40, 40, 50, 50]]  # 1/3, 1/3, 0
+    states, matched, iou = _match(anchors, gt, [[1]], force_best="global")
+    np.testing.assert_array_equal(states, [[1, 1, 0]])
+    np.testing.assert_array_equal(matched[:, :2], [[0, 0]])
+    np.testing.assert_allclose(iou, [[1 / 3, 1 / 3, 0]], rtol=1e-5)
+    # The GT is below the negative threshold everywhere: without forcing it has no anchor.
+    states, _, _ = _match(anchors, gt, [[1]], force_best=None)
+    np.testing.assert_array_equal(states, [[0, 0, 0]])
+
+
+def test_anchor_best_for_two_gts_goes_to_higher_iou():
+    anchors = [[0, 0, 10, 10], [100, 100, 110, 110]]
+    gt = [[[0, 0, 10, 15], [0, 0, 10, 12]]]  # IoU 0.667 and 0.833 with anchor 0
+    states, matched, iou = _match(anchors, gt, [[0, 1]], force_best="global")
+    np.testing.assert_array_equal(states, [[1, 0]])
+    assert matched[0, 0] == 1
+    np.testing.assert_allclose(iou[0, 0], 100 / 120, rtol=1e-5)
+
+
+def test_forced_match_goes_to_the_gt_that_forces_it():
+    # Anchor X is the best anchor of GT j (IoU .25) but overlaps GT k more (.526); k's best
+    # anchor is Y (.95). X is forced for j, so it is matched to j, not to its argmax k.
+    anchors = [[0, 0, 10, 10], [0, 0, 20, 10]]  # X, Y
+    gt = [[[-10, 0, 5, 10], [0, 0, 19, 10]]]  # j, k
+    states, matched, iou = _match(anchors, gt, [[0, 1]], force_best="global")
+    np.testing.assert_array_equal(states, [[1, 1]])
+    np.testing.assert_array_equal(matched, [[0, 1]])
+    np.testing.assert_allclose(iou, [[0.25, 0.95]], rtol=1e-5)
+    # Without forcing X takes its argmax k (0.526 >= 0.5).
+    states, matched, _ = _match(anchors, gt, [[0, 1]], force_best=None)
+    np.testing.assert_array_equal(states, [[1, 1]])
+    np.testing.assert_array_equal(matched, [[1, 1]])
+
+
+def test_per_level_forcing_gives_one_anchor_per_level():
+    anchors = [
+        [0, 0, 10, 10],  # level 0: GT0 .694
+        [30, 30, 40, 40],  # level 0: no overlap
+        [0, 0, 40, 40],  # level 1: GT0 144/1600 = .09
+        [100, 100, 140, 140],  # level 1: GT1 900/2300 = .39
+    ]
+    gt = [[[0, 0, 12, 12], [90, 90, 130, 130]]]
+    states, matched, iou = _match(anchors, gt, [[0, 1]], force_best="per_level", level_sizes=[2, 2])
+    # GT1 overlaps nothing on level 0 (best IoU 0) and forces nothing there.
+    np.testing.assert_array_equal(states, [[1, 0, 1, 1]])
+    np.testing.assert_array_equal(matched[0, [0, 2, 3]], [0, 0, 1])
+    np.testing.assert_allclose(iou, [[100 / 144, 0, 144 / 1600, 900 / 2300]], rtol=1e-5)
+    states, _, _ = _match(anchors, gt, [[0, 1]], force_best="global")
+    np.testing.assert_array_equal(states, [[1, 0, 0, 1]])
+
+
+def test_empty_gt_all_negative():
+    anchors = [[0, 0, 10, 10], [5, 5, 20, 20]]
+    padded = [[[0, 0, 10, 10], [-1, -1, -1, -1]]]  # a real-looking box, but label -1
+    for gt, labels in ((padded, [[-1, -1]]), (np.zeros((1, 0, 4)), np.zeros((1, 0), np.int32))):
+        for force in (None, "global", "per_level"):
+            states, matched, iou = _match(anchors, gt, labels, force_best=force, level_sizes=[1, 1])
+            np.testing.assert_array_equal(states, [[0, 0]])
+            np.testing.assert_array_equal(matched, [[0, 0]])
+            np.testing.assert_array_equal(iou, [[0, 0]])
+
+
+def test_degenerate_gt_is_padding():
+    anchors = [[0, 0, 10, 10]]
+    gt = [[[0, 0, 0, 10], [0, 0, 10, 10]]]  # zero width (label 2) and a real box
+    states, matched, _ = _match(anchors, gt, [[2, 5]])
+    np.testing.assert_array_equal(states, [[1]])
+    np.testing.assert_array_equal(matched, [[1]])
+    states, _, iou = _match(anchors, [[[0, 0, 0, 10]]], [[2]])
+    np.testing.assert_array_equal(states, [[0]])
+    np.testing.assert_array_equal(iou, [[0]])
+
+
+def test_image_border_anchors_ignored_and_never_forced():
+    anchors = [
+        [0, 0, 10, 10],  # inside
+        [-5, 0, 5, 10],  # crosses the left border: ignored although it equals the GT
+        [15, 15, 25, 25],  # crosses the bottom-right border
+        [-2, 0, 8, 10],  # inside with allowed_border=2 only
+    ]
+    gt = [[[-5, 0, 5, 10]]]
+    states, matched, iou = _match(anchors, gt, [[0]], image_shape=(20, 20))
+    # The GT's best anchor inside the image is anchor 0 (IoU 1/3): forced, positive.
+    np.testing.assert_array_equal(states, [[1, -1, -1, -1]])
+    np.testing.assert_allclose(iou[0, 0], 1 / 3, rtol=1e-5)
+    states, _, iou = _match(anchors, gt, [[0]], image_shape=(20, 20), allowed_border=2.0)
+    # Anchor 3 (IoU 70/130 = .54) is now inside, positive, and the GT's best.
+    np.testing.assert_array_equal(states, [[0, -1, -1, 1]])
+    np.testing.assert_allclose(iou[0, 3], 70 / 130, rtol=1e-5)
+    # All anchors outside -> all ignored.
+    states, _, _ = _match(anchors, gt, [[0]], image_shape=(5, 5))
+    np.testing.assert_array_equal(states, [[-1, -1, -1, -1]])
+    # Per-image shapes (B, 2).
+    states, _, _ = _match(anchors, [gt[0], gt[0]], [[0], [0]], image_shape=[[20, 20], [5, 5]])
+    np.testing.assert_array_equal(states, [[1, -1, -1, -1], [-1, -1, -1, -1]])
+
+
+def test_batch_with_different_numbers_of_gts():
+    anchors = [[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]]
+    gt = [
+        [[0, 0, 10, 11], [20, 20, 30, 31], [-1, -1, -1, -1]],  # 2 GTs
+        [[50, 50, 60, 62], [-1, -1, -1, -1], [-1, -1, -1, -1]],  # 1 GT
+    ]
+    labels = [[4, 7, -1], [2, -1, -1]]
+    states, matched, iou = _match(anchors, gt, labels)
+    np.testing.assert_array_equal(states, [[1, 1, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(matched[0, :2], [0, 1])
+    assert matched[1, 2] == 0
+    np.testing.assert_allclose(iou, [[100 / 110, 100 / 110, 0], [0, 0, 100 / 120]], rtol=1e-5)
+    m = match_anchors(np.asarray(anchors, F), np.asarray(gt, F), np.asarray(labels))
+    got = gather_matched(np.asarray(labels), m.matched_gt).numpy()
+    np.testing.assert_array_equal(np.where(states == 1, got, -9), [[4, 7, -9], [-9, -9, 2]])
+
+
+def test_per_image_anchors():
+    anchors = np.array([[[0, 0, 10, 10]], [[50, 50, 60, 60]]], F)  # (B, A=1, 4)
+    gt = np.array([[[0, 0, 10, 10]], [[0, 0, 10, 10]]], F)
+    states, _, _ = _match(anchors, gt, [[0], [0]], force_best=None)
+    np.testing.assert_array_equal(states, [[1], [0]])
+
+
+def test_invalid_arguments():
+    anchors, gt, labels = np.zeros((3, 4), F), np.zeros((1, 2, 4), F), -np.ones((1, 2), np.int32)
+    with pytest.raises(ValueError, match="positive_threshold"):
+        match_anchors(anchors, gt, labels, 0.3, 0.4)
+    with pytest.raises(ValueError, match="level_sizes"):
+        match_anchors(anchors, gt, labels, force_best="per_level")
+    with pytest.raises(ValueError, match="sum to 2"):
+        match_anchors(anchors, gt, labels, force_best="per_level", level_sizes=[1, 1])
+    with pytest.raises(ValueError, match="force_best"):
+        match_anchors(anchors, gt, labels, force_best="local")
+    with pytest.raises(ValueError, match="gt_boxes"):
+        match_anchors(anchors, gt[0], labels)
+    with pytest.raises(ValueError, match="anchors"):
+        match_anchors(np.zeros((3, 5), F), gt, labels)
+
+
+# --- reference comparison and compilation -----------------------------------------------------
+
+
+def _random_case(seed, batch=2, num_anchors=24, num_gt=4):
+    rng = np.random.default_rng(seed)
+    xy = rng.integers(-4, 36, size=(num_anchors, 2))
+    wh = rng.integers(1, 16, size=(num_anchors, 2))
+    anchors = np.concatenate([xy, xy + wh], -1).astype(F)
+    anchors[: num_anchors // 4] = anchors[num_anchors // 4 : num_anchors // 2]  # exact ties
+    gxy = rng.integers(0, 30, size=(batch, num_gt, 2))
+    gwh = rng.integers(0, 14, size=(batch, num_gt, 2))  # some zero-size (invalid) GTs
+    gt = np.concatenate([gxy, gxy + gwh], -1).astype(F)
+    labels = rng.integers(-1, 3, size=(batch, num_gt))
+    return anchors, gt, labels
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    force=st.sampled_from([None, "global", "per_level"]),
+    thresholds=st.sampled_from([(0.5, 0.4), (0.7, 0.3), (0.5, 0.5)]),
+    border=st.sampled_from([None, 0.0, 3.0]),
+)
+def test_matches_loop_reference(seed, force, thresholds, border):
+    anchors, gt, labels = _random_case(seed)
+    level_sizes = [10, 8, 6]
+    image_shape = None if border is None else (32, 36)
+    kwargs = dict(force_best=force, level_sizes=level_sizes, image_shape=image_shape)
+    states, matched, iou = _match(
+        anchors, gt, labels, *thresholds, **kwargs, allowed_border=border or 0.0
+    )
+    ref = _reference_match(
+        anchors, gt, labels, *thresholds, force, level_sizes, image_shape, border or 0.0
+    )
+    np.testing.assert_array_equal(states, ref[0])
+    np.testing.assert_array_equal(matched, ref[1])
+    np.testing.assert_allclose(iou, ref[2], rtol=1e-5, atol=1e-6)
+
+
+def test_jit_compile_matches_eager():
+    anchors, gt, labels = _random_case(7, batch=3, num_anchors=24, num_gt=5)
+
+    def run(a, g, lab):
+        m = match_anchors(
+            a, g, lab, force_best="per_level", level_sizes=[10, 8, 6], image_shape=(32, 36)
+        )
+        return m.states, m.matched_gt, m.matched_iou
+
+    eager = run(anchors, gt, labels)
+    compiled = tf.function(run, jit_compile=True)(anchors, gt, labels)
+    for e, c in zip(eager, compiled, strict=True):
+        np.testing.assert_allclose(e.numpy(), c.numpy(), rtol=1e-6)
+    # G == 0 compiles too: inside anchors negative, the others ignored.
+    empty = np.zeros((3, 0, 4), F), np.zeros((3, 0), np.int32)
+    out = tf.function(run, jit_compile=True)(anchors, *empty)
+    ref = _reference_match(anchors, *empty, 0.5, 0.4, "per_level", [10, 8, 6], (32, 36))
+    np.testing.assert_array_equal(out[0].numpy(), ref[0])
+    assert set(np.unique(ref[0])) == {-1, 0}
+
+
+def test_matches_is_a_namedtuple():
+    m = match_anchors(np.zeros((2, 4), F) + [0, 0, 1, 1], np.zeros((1, 1, 4), F), [[-1]])
+    assert isinstance(m, Matches)
+    assert m.states.dtype == tf.int32 and m.matched_gt.dtype == tf.int32
+    assert m.matched_iou.dtype == tf.float32
+    assert m.states.shape == (1, 2)
+
+
+# --- gather_matched --------------------------------------------------------------------------
+
+
+def test_gather_matched_values_and_empty():
+    values = np.arange(2 * 3 * 4, dtype=F).reshape(2, 3, 4)
+    idx = np.array([[2, 0, 1, 1], [0, 0, 2, 1]], np.int32)
+    got = gather_matched(values, idx).numpy()
+    np.testing.assert_array_equal(got, np.stack([values[0][idx[0]], values[1][idx[1]]]))
+    empty = gather_matched(np.zeros((2, 0, 4), F), np.zeros((2, 5), np.int32))
+    assert empty.shape == (2, 5, 4)
+    np.testing.assert_array_equal(empty.numpy(), 0)
+    labels = gather_matched(np.zeros((2, 0), np.int32), np.zeros((2, 5), np.int32))
+    assert labels.shape == (2, 5) and labels.dtype == tf.int32
+
+
+# --- sample_balanced -------------------------------------------------------------------------
+
+
+def _states(num_pos, num_neg, num_ignore, seed=0, batch=1):
+    rng = np.random.default_rng(seed)
+    row = np.array([1] * num_pos + [0] * num_neg + [-1] * num_ignore, np.int32)
+    return np.stack([rng.permutation(row) for _ in range(batch)])
+
+
+@pytest.mark.parametrize(
+    ("num_pos", "num_neg", "expected_pos", "expected_neg"),
+    [(300, 1000, 128, 128), (10, 1000, 10, 246), (10, 20, 10, 20), (0, 1000, 0, 256)],
+)
+def test_sample_balanced_budget(num_pos, num_neg, expected_pos, expected_neg):
+    states = _states(num_pos, num_neg, 100, batch=2)
+    out = sample_balanced(states, 256, 0.5, seed=(1, 2)).numpy()
+    np.testing.assert_array_equal((out == 1).sum(-1), [expected_pos] * 2)
+    np.testing.assert_array_equal((out == 0).sum(-1), [expected_neg] * 2)
+    # Only relabels to -1: sampled anchors keep their state; ignored ones are never sampled.
+    sampled = out != -1
+    np.testing.assert_array_equal(out[sampled], states[sampled])
+    assert not np.any(sampled & (states == -1))
+
+
+def test_sample_balanced_fraction_and_determinism():
+    states = _states(400, 2000, 50, batch=3)
+    out = sample_balanced(states, 512, 0.25, seed=(3, 4)).numpy()
+    np.testing.assert_array_equal((out == 1).sum(-1), [128] * 3)
+    np.testing.assert_array_equal((out == 0).sum(-1), [384] * 3)
+    again = sample_balanced(states, 512, 0.25, seed=(3, 4)).numpy()
+    np.testing.assert_array_equal(out, again)
+    other = sample_balanced(states, 512, 0.25, seed=(3, 5)).numpy()
+    assert np.any(out != other)
+    compiled = tf.function(sample_balanced, jit_compile=True)(states, 512, 0.25, (3, 4))
+    np.testing.assert_array_equal(compiled.numpy(), out)
+
+
+def test_sample_balanced_is_unbiased_over_positions():
+    # The same states in 64 images: the sample must not favour the first positives in order.
+    row = np.array([1] * 300 + [0] * 300, np.int32)
+    out = sample_balanced(np.tile(row, (64, 1)), 256, 0.5, seed=(5, 6)).numpy()
+    first_half = (out[:, :150] == 1).sum() / (out[:, :300] == 1).sum()
+    assert abs(first_half - 0.5) < 0.05
+    # Every positive is picked in some image.
+    assert np.all((out[:, :300] == 1).any(0))
+
+
+def test_sample_balanced_invalid_arguments():
+    with pytest.raises(ValueError, match="positive_fraction"):
+        sample_balanced(np.zeros((1, 4), np.int32), 4, 1.5)
+    with pytest.raises(ValueError, match="num_samples"):
+        sample_balanced(np.zeros((1, 4), np.int32), -1)
+    with pytest.raises(ValueError, match="states"):
+        sample_balanced(np.zeros((4,), np.int32), 4)
