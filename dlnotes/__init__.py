@@ -1,3 +1,27 @@
-"""dlnotes: the package behind the runnable book on object detection in TensorFlow / Keras 3."""
+"""dlnotes: the package behind the runnable book on object detection in TensorFlow / Keras 3.
+
+One module per idea, each used by every model of the book:
+
+* :mod:`dlnotes.boxes` — box formats, IoU / GIoU / DIoU / CIoU, clipping, the box coder
+* :mod:`dlnotes.anchors` — multi-level anchors, YOLO anchors, k-means anchors
+* :mod:`dlnotes.matching` — anchor assignment to ground truth, balanced sampling
+* :mod:`dlnotes.postprocess` — decoding and batched, per-class NMS
+* :mod:`dlnotes.data` — the synthetic shapes data set, COCO JSON to ``tf.data``, transforms
+* :mod:`dlnotes.evaluation` — COCO mAP with pycocotools, and AP spelled out
+* :mod:`dlnotes.viz` — matplotlib drawing of boxes, anchors, assignments, heatmaps, curves
+"""
+
+from dlnotes import anchors, boxes, data, evaluation, matching, postprocess, viz
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "anchors",
+    "boxes",
+    "data",
+    "evaluation",
+    "matching",
+    "postprocess",
+    "viz",
+]
