@@ -40,9 +40,11 @@ __all__ = [
     "KEYPOINT_METRICS",
     "average_precision",
     "coco_evaluate",
+    "match_dataset",
     "match_detections",
     "precision_recall_curve",
     "predictions_to_coco",
+    "simulate_detections",
 ]
 
 #: Names of ``COCOeval.stats`` for ``iou_type="bbox"``, in pycocotools' order.
@@ -748,3 +750,125 @@ def average_precision(
     sampled = np.zeros((points,))
     sampled[reached] = precision[index[reached]]
     return float(np.mean(sampled)), recall_thresholds, sampled
+
+
+def match_dataset(predictions, records, label: int, iou_threshold: float = 0.5, max_dets=100):
+    """:func:`match_detections` for one class over a whole data set, pooled as ``COCOeval`` does.
+
+    Args:
+        predictions: padded detections ``{"boxes": (B, D, 4) xyxy, "scores": (B, D), "labels":
+            (B, D), "num_detections": (B,)}`` aligned with ``records`` (image ``b`` is
+            ``records[b]``); padding entries (label -1) are ignored.
+        records: ``CocoDataset.records`` (dicts with ``"boxes"`` xyxy and ``"labels"``), in
+            increasing image id order, the order in which ``COCOeval`` concatenates images.
+        label: the contiguous class label to evaluate.
+        iou_threshold, max_dets: as in :func:`match_detections`; like ``COCOeval``, each image
+            keeps its best ``max_dets`` detections of the class.
+
+    Returns:
+        ``(tp, scores, num_gt)``: bool ``(N,)`` flags and float ``(N,)`` scores of the class's
+        detections, each image's in descending score order, images concatenated; and the number
+        of ground-truth boxes of the class. ``average_precision(tp, scores, num_gt)`` is then
+        COCO's AP for this class and threshold.
+    """
+    boxes = _numpy(predictions["boxes"], "boxes", np.float64)
+    scores = _numpy(predictions["scores"], "scores", np.float64)
+    labels = _numpy(predictions["labels"], "labels").astype(np.int64)
+    if len(records) != boxes.shape[0]:
+        raise ValueError(f"{boxes.shape[0]} prediction rows but {len(records)} records.")
+    if "num_detections" in predictions:
+        count = _numpy(predictions["num_detections"], "num_detections").astype(np.int64)
+        valid = np.arange(labels.shape[1])[None, :] < count[:, None]
+    else:
+        valid = labels >= 0
+    flags, kept_scores, num_gt = [], [], 0
+    for b, record in enumerate(records):
+        mine = valid[b] & (labels[b] == label)
+        gt = np.asarray(record["boxes"], np.float64).reshape(-1, 4)[
+            np.asarray(record["labels"]) == label
+        ]
+        num_gt += len(gt)
+        flags.append(match_detections(boxes[b][mine], scores[b][mine], gt, iou_threshold, max_dets))
+        kept = np.sort(scores[b][mine], kind="mergesort")[::-1]
+        kept_scores.append(kept[: len(flags[-1])])
+    return np.concatenate(flags), np.concatenate(kept_scores), num_gt
+
+
+def simulate_detections(
+    records,
+    num_classes: int,
+    image_size,
+    jitter: float = 0.05,
+    pixel_noise: float = 1.0,
+    miss_rate: float = 0.1,
+    duplicate_rate: float = 0.1,
+    fp_per_image: float = 1.0,
+    seed: int = 0,
+):
+    """A detector of controllable quality, made from the ground truth (for teaching and tests).
+
+    Each ground-truth object is found with probability ``1 - miss_rate``; its box is the GT box
+    with its centre moved and its size scaled by Gaussian noise of relative size ``jitter`` plus
+    ``pixel_noise`` pixels, scored ``0.6 * IoU(box, GT) + 0.4 * u`` (better boxes score higher,
+    with some randomness). A fraction ``duplicate_rate`` of the found objects gets a second, worse
+    box scored lower; each image gets ``Poisson(fp_per_image)`` false positives of random class
+    and size, scored ``u ** 3``. ``u`` is uniform in [0, 1).
+
+    Args:
+        records: ``CocoDataset.records`` (``"boxes"`` xyxy, ``"labels"``).
+        num_classes: number of classes (labels of false positives are drawn from it).
+        image_size: ``(height, width)``; boxes are clipped to the image.
+        seed: the result is a deterministic function of the arguments.
+
+    Returns:
+        Padded predictions in the format every dlnotes detector returns: ``{"boxes": (B, D, 4)
+        xyxy float32, "scores": (B, D) float32, "labels": (B, D) int32, "num_detections":
+        (B,) int32}`` sorted by score within an image, padding -1.
+    """
+    from dlnotes.boxes import aligned_iou, clip_boxes  # TensorFlow is only needed here
+
+    height, width = (int(v) for v in np.asarray(image_size).reshape(-1)[:2])
+    rng = np.random.default_rng(seed)
+    counts = [len(r["labels"]) for r in records]
+    gt = np.concatenate([np.asarray(r["boxes"], np.float64).reshape(-1, 4) for r in records])
+    gt_labels = np.concatenate([np.asarray(r["labels"], np.int64).ravel() for r in records])
+    gt_image = np.repeat(np.arange(len(records)), counts)
+
+    def jittered(boxes, rel):
+        size = boxes[:, 2:] - boxes[:, :2]
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+        centre = centre + (rel * size + pixel_noise) * rng.standard_normal(size.shape)
+        size = size * np.exp(rel * rng.standard_normal(size.shape))
+        size = np.maximum(size + pixel_noise * rng.standard_normal(size.shape), 1.0)
+        return np.concatenate([centre - size / 2, centre + size / 2], axis=1)
+
+    found = rng.random(len(gt)) >= miss_rate
+    boxes, labels, image = jittered(gt[found], jitter), gt_labels[found], gt_image[found]
+    scores = 0.6 * aligned_iou(boxes, gt[found]).numpy() + 0.4 * rng.random(len(boxes))
+    twice = rng.random(len(boxes)) < duplicate_rate
+    duplicates = jittered(gt[found][twice], 2 * jitter + 0.05)
+    fp_image = np.repeat(np.arange(len(records)), rng.poisson(fp_per_image, len(records)))
+    fp_size = np.exp(rng.uniform(np.log(8), np.log(0.6 * min(height, width)), (len(fp_image), 1)))
+    fp_corner = rng.uniform(0, 1, (len(fp_image), 2)) * (np.array([width, height]) - fp_size)
+
+    boxes = np.concatenate([boxes, duplicates, np.hstack([fp_corner, fp_corner + fp_size])])
+    scores = np.concatenate([scores, 0.7 * scores[twice], rng.random(len(fp_image)) ** 3])
+    labels = np.concatenate([labels, labels[twice], rng.integers(0, num_classes, len(fp_image))])
+    image = np.concatenate([image, image[twice], fp_image])
+    boxes = clip_boxes(boxes, (height, width)).numpy()
+
+    num = np.bincount(image, minlength=len(records))
+    size = max(int(num.max(initial=0)), 1)
+    out = {
+        "boxes": np.full((len(records), size, 4), -1, np.float32),
+        "scores": np.full((len(records), size), -1, np.float32),
+        "labels": np.full((len(records), size), -1, np.int32),
+        "num_detections": num.astype(np.int32),
+    }
+    for b in range(len(records)):  # a NumPy simulation, not graph code: one image at a time
+        mine = np.flatnonzero(image == b)
+        mine = mine[np.argsort(-scores[mine], kind="stable")]
+        out["boxes"][b, : len(mine)] = boxes[mine]
+        out["scores"][b, : len(mine)] = scores[mine]
+        out["labels"][b, : len(mine)] = labels[mine]
+    return out

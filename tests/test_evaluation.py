@@ -16,9 +16,11 @@ from dlnotes.evaluation import (
     EvalResult,
     average_precision,
     coco_evaluate,
+    match_dataset,
     match_detections,
     precision_recall_curve,
     predictions_to_coco,
+    simulate_detections,
 )
 
 IMAGE_IDS = (10, 20, 30)
@@ -500,3 +502,58 @@ def test_precision_recall_curve_without_ground_truth_raises():
     kp = coco_evaluate(gt, perfect_keypoint_detections(gt), iou_type="keypoints")
     recall, precision = precision_recall_curve(kp)  # keypoints: max_dets defaults to 20
     np.testing.assert_allclose(precision, 1.0)
+
+
+def _shapes_records(tmp_path):
+    from dlnotes.data import CocoDataset, generate_shapes_dataset
+
+    paths = generate_shapes_dataset(tmp_path / "shapes", num_train=2, num_val=12, image_size=96)
+    return CocoDataset(paths["val_annotations"])
+
+
+def test_simulated_detections_format_determinism_and_perfect_case(tmp_path):
+    ds = _shapes_records(tmp_path)
+    kwargs = dict(records=ds.records, num_classes=ds.num_classes, image_size=(96, 96))
+    a = simulate_detections(**kwargs, seed=3)
+    b = simulate_detections(**kwargs, seed=3)
+    for key in ("boxes", "scores", "labels", "num_detections"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert a["boxes"].shape[:2] == a["scores"].shape == a["labels"].shape
+    for i, n in enumerate(a["num_detections"]):
+        assert np.all(a["labels"][i, :n] >= 0) and np.all(a["labels"][i, n:] == -1)
+        assert np.all(np.diff(a["scores"][i, :n]) <= 0)  # sorted by score
+        assert np.all(a["boxes"][i, :n] >= 0) and np.all(a["boxes"][i, :n] <= 96)
+    perfect = simulate_detections(
+        **kwargs, jitter=0, pixel_noise=0, miss_rate=0, duplicate_rate=0, fp_per_image=0
+    )
+    coco_dets = predictions_to_coco(perfect, ds.image_ids, ds.label_to_category)
+    assert coco_evaluate(ds.coco, coco_dets)["AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("iou_threshold", [0.5, 0.75])
+def test_match_dataset_gives_cocoeval_ap_per_class(tmp_path, iou_threshold):
+    ds = _shapes_records(tmp_path)
+    predictions = simulate_detections(
+        ds.records, ds.num_classes, (96, 96), jitter=0.1, miss_rate=0.2, fp_per_image=2, seed=1
+    )
+    result = coco_evaluate(
+        ds.coco, predictions_to_coco(predictions, ds.image_ids, ds.label_to_category)
+    )
+    t = int(np.argmin(np.abs(result.cocoeval.params.iouThrs - iou_threshold)))
+    checked = 0
+    for label in range(ds.num_classes):
+        tp, scores, num_gt = match_dataset(predictions, ds.records, label, iou_threshold)
+        ap, _, _ = average_precision(tp, scores, num_gt)
+        k = result.cocoeval.params.catIds.index(ds.label_to_category(label))
+        reference = result.cocoeval.eval["precision"][t, :, k, 0, -1]
+        expected = float(np.mean(reference)) if num_gt else -1.0
+        assert ap == pytest.approx(expected, abs=1e-6)
+        checked += num_gt > 0
+    assert checked >= 3
+
+
+def test_match_dataset_rejects_misaligned_records(tmp_path):
+    ds = _shapes_records(tmp_path)
+    predictions = simulate_detections(ds.records, ds.num_classes, (96, 96))
+    with pytest.raises(ValueError, match="records"):
+        match_dataset(predictions, ds.records[:-1], 0)

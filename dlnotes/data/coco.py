@@ -385,6 +385,17 @@ class CocoDataset:
     def __len__(self) -> int:
         return len(self.records)
 
+    def load_image(self, index: int) -> np.ndarray:
+        """The image of ``records[index]`` as uint8 ``(H, W, 3)`` RGB (for drawing and inspection)."""
+        record = self.records[index]
+        try:
+            data = tf.io.read_file(str(record["path"]))
+            return tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+        except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as err:
+            raise ValueError(
+                f"cannot read image {record['path']} (image id {record['image_id']}): {err.message}"
+            ) from None
+
     def __repr__(self) -> str:
         return (
             f"CocoDataset({str(self.annotation_file)!r}, images={len(self)}, "

@@ -425,3 +425,18 @@ def test_tf_dataset_repeat_static_batch_and_flip_without_keypoints(tmp_path):
             np.testing.assert_allclose(targets["boxes"][row, :n].numpy(), ref, atol=1e-5)
             np.testing.assert_array_equal(targets["boxes"][row, n:].numpy(), -1)
     assert seen_flip == {True, False}
+
+
+def test_load_image_reads_the_record_and_names_a_missing_file(shapes_paths, tmp_path):
+    ds = CocoDataset(shapes_paths["train_annotations"])
+    image = ds.load_image(0)
+    assert image.dtype == np.uint8 and image.shape == (
+        ds.records[0]["height"],
+        ds.records[0]["width"],
+        3,
+    )
+    expected = cv2.cvtColor(cv2.imread(str(ds.records[0]["path"])), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(image, expected)
+    ds.records[0]["path"] = tmp_path / "gone.png"
+    with pytest.raises(ValueError, match="gone.png"):
+        ds.load_image(0)
