@@ -752,7 +752,9 @@ def average_precision(
     return float(np.mean(sampled)), recall_thresholds, sampled
 
 
-def match_dataset(predictions, records, label: int, iou_threshold: float = 0.5, max_dets=100):
+def match_dataset(
+    predictions, records, label: int, iou_threshold: float = 0.5, max_dets=100, return_iou=False
+):
     """:func:`match_detections` for one class over a whole data set, pooled as ``COCOeval`` does.
 
     Args:
@@ -764,13 +766,18 @@ def match_dataset(predictions, records, label: int, iou_threshold: float = 0.5, 
         label: the contiguous class label to evaluate.
         iou_threshold, max_dets: as in :func:`match_detections`; like ``COCOeval``, each image
             keeps its best ``max_dets`` detections of the class.
+        return_iou: also return each detection's best IoU with a GT box of its class in its image
+            (a false positive with a best IoU above the threshold is a duplicate).
 
     Returns:
         ``(tp, scores, num_gt)``: bool ``(N,)`` flags and float ``(N,)`` scores of the class's
         detections, each image's in descending score order, images concatenated; and the number
         of ground-truth boxes of the class. ``average_precision(tp, scores, num_gt)`` is then
-        COCO's AP for this class and threshold.
+        COCO's AP for this class and threshold. With ``return_iou``, ``(tp, scores, num_gt,
+        best_iou)`` with ``best_iou`` float ``(N,)`` (0 where the image has no GT of the class).
     """
+    from dlnotes.boxes import pairwise_iou  # TensorFlow is only needed here
+
     boxes = _numpy(predictions["boxes"], "boxes", np.float64)
     scores = _numpy(predictions["scores"], "scores", np.float64)
     labels = _numpy(predictions["labels"], "labels").astype(np.int64)
@@ -781,7 +788,7 @@ def match_dataset(predictions, records, label: int, iou_threshold: float = 0.5, 
         valid = np.arange(labels.shape[1])[None, :] < count[:, None]
     else:
         valid = labels >= 0
-    flags, kept_scores, num_gt = [], [], 0
+    flags, kept_scores, best_ious, num_gt = [], [], [], 0
     for b, record in enumerate(records):
         mine = valid[b] & (labels[b] == label)
         gt = np.asarray(record["boxes"], np.float64).reshape(-1, 4)[
@@ -789,9 +796,15 @@ def match_dataset(predictions, records, label: int, iou_threshold: float = 0.5, 
         ]
         num_gt += len(gt)
         flags.append(match_detections(boxes[b][mine], scores[b][mine], gt, iou_threshold, max_dets))
-        kept = np.sort(scores[b][mine], kind="mergesort")[::-1]
-        kept_scores.append(kept[: len(flags[-1])])
-    return np.concatenate(flags), np.concatenate(kept_scores), num_gt
+        order = np.argsort(-scores[b][mine], kind="mergesort")[: len(flags[-1])]
+        kept_scores.append(scores[b][mine][order])
+        if return_iou:
+            iou = pairwise_iou(boxes[b][mine][order], gt).numpy() if len(gt) else None
+            best_ious.append(iou.max(axis=1) if iou is not None else np.zeros(len(order)))
+    tp, kept = np.concatenate(flags), np.concatenate(kept_scores)
+    if return_iou:
+        return tp, kept, num_gt, np.concatenate(best_ious).astype(np.float64)
+    return tp, kept, num_gt
 
 
 def simulate_detections(

@@ -557,3 +557,19 @@ def test_match_dataset_rejects_misaligned_records(tmp_path):
     predictions = simulate_detections(ds.records, ds.num_classes, (96, 96))
     with pytest.raises(ValueError, match="records"):
         match_dataset(predictions, ds.records[:-1], 0)
+
+
+def test_match_dataset_best_iou_tells_duplicates_from_poor_boxes(tmp_path):
+    ds = _shapes_records(tmp_path)
+    predictions = simulate_detections(
+        ds.records, ds.num_classes, (96, 96), miss_rate=0, duplicate_rate=1, fp_per_image=0, seed=2
+    )
+    for label in range(ds.num_classes):
+        tp, scores, num_gt, best = match_dataset(
+            predictions, ds.records, label, 0.5, return_iou=True
+        )
+        assert best.shape == tp.shape and np.all((best >= 0) & (best <= 1 + 1e-6))
+        assert np.all(best[tp] >= 0.5 - 1e-6)  # a true positive overlaps its GT enough
+        tp2, scores2, _ = match_dataset(predictions, ds.records, label, 0.5)
+        np.testing.assert_array_equal(tp, tp2)
+        np.testing.assert_array_equal(scores, scores2)
