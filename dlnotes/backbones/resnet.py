@@ -34,7 +34,7 @@ stage widths ``base_filters * (1, 2, 4, 8)``; ``blocks`` sets the number of resi
 stage (overrides the depth). ResNeXt also takes ``groups`` and ``width_per_group`` with
 torchvision's rule ``width = int(planes * width_per_group / 64) * groups`` for the 3x3 conv
 (``groups=1, width_per_group=64`` gives torchvision's ResNet-50/101). ``resnet_tiny`` is a
-ResNet-18 layout with ``base_filters=16`` and one block per stage (~0.18 M parameters; output
+ResNet-18 layout with ``base_filters=16`` and one block per stage (0.31 M parameters; output
 channels 32, 64, 128) that trains on a CPU.
 
 Preprocessing (the detector applies it; :func:`preprocess_for` returns the layer to put in front):

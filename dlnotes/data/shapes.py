@@ -13,7 +13,9 @@ What an image contains
   (circles are 32-gons) with a random rotation (circles excepted), a random colour that
   contrasts with the background and with the objects it overlaps, and a size (the longer side
   of its box) drawn log-uniformly from ``min_size`` px to ``max_size_fraction * image_size``,
-  so every pyramid level from stride 8 to stride 128 has objects of its scale.
+  so every pyramid level has objects of its scale once the anchor sizes follow the input size
+  (RetinaNet's 32-512 px anchors are meant for ~512-800 px inputs: halve them for 256 px
+  images, or letterbox the images to 512 px).
 
 Objects are painted in order, later ones partially occluding earlier ones; a placement is
 rejected if it would leave any earlier object more than ``max_occlusion`` (50 %) hidden. Every
