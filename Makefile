@@ -54,8 +54,9 @@ execute: install data
 			--kernel_name=python3 $$(basename $$nb)) || exit 1; \
 	done
 
-bench: install
+bench: install data
 	$(PY) benchmarks/iou_matching.py
+	$(PY) benchmarks/book_times.py
 
 lint: install
 	$(VENV)/bin/ruff check dlnotes tests benchmarks book
