@@ -50,8 +50,10 @@ def numpy_match(iou):
     best_gt = iou.argmax(axis=1)
     best_iou = iou.max(axis=1)
     states = np.where(best_iou >= POSITIVE, 1, np.where(best_iou < NEGATIVE, 0, -1))
-    gt_best = iou.max(axis=0, keepdims=True)  # (1, G)
-    is_forced = (iou == gt_best) & (gt_best > 0)
+    # Each GT forces its best anchor (the first one on ties), if it overlaps any.
+    first_best = iou.argmax(axis=0)  # (G,)
+    is_forced = np.zeros(iou.shape, bool)
+    is_forced[first_best, np.arange(iou.shape[1])] = iou.max(axis=0) > 0
     forced = is_forced.any(axis=1)
     forced_gt = np.where(is_forced, iou, -1.0).argmax(axis=1)
     states[forced] = 1

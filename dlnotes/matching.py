@@ -78,21 +78,35 @@ def _inside_image(anchors, image_shape, allowed_border):
     return (x1 >= -border) & (y1 >= -border) & (x2 <= width + border) & (y2 <= height + border)
 
 
-def _level_maximum(iou, level_sizes):
-    """Per-level maximum over anchors, broadcast back to every anchor of the level.
+def _best_anchor_per_gt(iou, level_sizes=None):
+    """``(B, A, G)`` bool: the single best anchor of every GT, over all anchors or per level.
 
-    ``iou`` is ``(B, A, G)``; ``level_sizes`` Python ints summing to A. Returns ``(B, A, G)`` where
-    entry ``[b, a, g]`` is the max of ``iou[b, :, g]`` over the anchors of ``a``'s level. One
-    ``unsorted_segment_max`` over (image, level) segments instead of a loop over levels.
+    ``iou`` is ``(B, A, G)``. With ``level_sizes`` (Python ints summing to A) every GT gets its best
+    anchor on *each* level. Ties go to the lowest anchor index: a small GT inside several anchors
+    of one size, or a large GT containing many small anchors of a level, has exactly the same IoU
+    with all of them, and forcing them all would flood the positives with poor anchors.
+    The per-level argmax is two ``unsorted_segment`` reductions over (image, level) segments (the
+    max, then the lowest index reaching it) instead of a loop over levels.
     """
+    num_anchors = tf.shape(iou)[1]
+    index = tf.broadcast_to(tf.range(num_anchors)[None, :, None], tf.shape(iou))
+    if level_sizes is None:
+        # The lowest index reaching the max (tf.argmax does not promise which tie it returns).
+        best = tf.reduce_max(iou, axis=1, keepdims=True)
+        first = tf.reduce_min(tf.where(iou >= best, index, num_anchors), axis=1, keepdims=True)
+        return tf.equal(index, first)
     num_levels = len(level_sizes)
     batch = tf.shape(iou)[0]
     level_of_anchor = tf.repeat(tf.range(num_levels), level_sizes)  # (A,)
     # Segment id b * L + level, so that one segment op handles the whole batch.
     segment_ids = tf.range(batch)[:, None] * num_levels + level_of_anchor[None, :]  # (B, A)
-    level_max = tf.math.unsorted_segment_max(iou, segment_ids, batch * num_levels)  # (B*L, G)
-    level_max = tf.reshape(level_max, [batch, num_levels, -1])
-    return tf.gather(level_max, level_of_anchor, axis=1)  # (B, A, G)
+    num_segments = batch * num_levels
+    level_max = tf.math.unsorted_segment_max(iou, segment_ids, num_segments)  # (B*L, G)
+    level_max = tf.gather(tf.reshape(level_max, [batch, num_levels, -1]), level_of_anchor, axis=1)
+    candidate = tf.where(iou >= level_max, index, num_anchors)  # anchors reaching the level max
+    first = tf.math.unsorted_segment_min(candidate, segment_ids, num_segments)  # (B*L, G)
+    first = tf.gather(tf.reshape(first, [batch, num_levels, -1]), level_of_anchor, axis=1)
+    return tf.equal(index, first)
 
 
 def match_anchors(
@@ -117,14 +131,14 @@ def match_anchors(
         positive_threshold: an anchor whose best IoU is ``>= positive_threshold`` is positive.
         negative_threshold: an anchor whose best IoU is ``< negative_threshold`` is negative;
             anchors in between are ignored. Equal thresholds leave no ignore band.
-        force_best: ``None``: no forced matches. ``"global"``: the best anchor(s) of every valid
-            GT over all anchors become positive, matched to that GT (the notes' step 1; like
-            torchvision's ``allow_low_quality_matches``, except that torchvision leaves such an
-            anchor on its argmax GT, which can leave the forcing GT without any anchor).
-            ``"per_level"``: the best anchor(s) of every GT on *every* pyramid level become
-            positive (the notes' step 3, first variant). Ties are all forced; a GT whose best
-            IoU is 0 forces nothing; an anchor forced by several GTs goes to the one with the
-            highest IoU.
+        force_best: ``None``: no forced matches. ``"global"``: the best anchor of every valid
+            GT over all anchors becomes positive, matched to that GT (the notes' step 1, "argmax
+            k"; torchvision's ``allow_low_quality_matches`` instead forces every tied anchor and
+            leaves it on its argmax GT, which can leave the forcing GT without any anchor).
+            ``"per_level"``: the best anchor of every GT on *every* pyramid level becomes
+            positive (the notes' step 3, first variant). One anchor per GT (per level): ties go
+            to the lowest anchor index. A GT whose best IoU is 0 forces nothing; an anchor
+            forced by several GTs goes to the one with the highest IoU.
         level_sizes: number of anchors per pyramid level, in anchor order (e.g.
             ``AnchorGenerator.level_sizes``); required by ``force_best="per_level"``.
         image_shape: optional ``(height, width)`` (or per-image ``(B, 2)``). Anchors not inside
@@ -199,15 +213,10 @@ def match_anchors(
 
     if force_best is not None:
         # Step 1: each GT keeps its best anchor (over all anchors, or per pyramid level).
-        if force_best == "global":
-            gt_best = tf.reduce_max(iou, axis=-2, keepdims=True)  # (B, 1, G+1)
-        else:
-            gt_best = _level_maximum(iou, level_sizes)  # (B, A, G+1)
-        # Every anchor equal to the GT's best is forced (ties included). `>=` is `==` here since
-        # gt_best is a max, but stays true if XLA recomputes `iou` in another fusion with other
-        # rounding. gt_best > 0 skips GTs that overlap no anchor at all, invalid GTs (all -1)
-        # and anchors outside the image (-1).
-        is_forced = tf.logical_and(iou >= gt_best, gt_best > 0.0)  # (B, A, G+1)
+        level_split = level_sizes if force_best == "per_level" else None
+        # iou > 0 skips GTs that overlap no anchor at all, invalid GTs (all -1) and anchors
+        # outside the image (-1).
+        is_forced = tf.logical_and(_best_anchor_per_gt(iou, level_split), iou > 0.0)  # (B,A,G+1)
         forced = tf.reduce_any(is_forced, axis=-1)
         # An anchor forced by several GTs goes to the one it overlaps most.
         forced_iou = tf.where(is_forced, iou, -1.0)

@@ -75,8 +75,8 @@ def _reference_match(
                     column = iou[lo:hi, g]
                     if column.size == 0 or column.max() <= 0:
                         continue
-                    for a in np.flatnonzero(column == column.max()) + lo:
-                        forced_by.setdefault(int(a), []).append(g)
+                    a = int(np.argmax(column)) + lo  # one anchor per GT (and level): first on ties
+                    forced_by.setdefault(a, []).append(g)
             for a, gts in forced_by.items():
                 g = max(gts, key=lambda g, a=a: (iou[a, g], -g))  # highest IoU, first on ties
                 states[b, a], matched[b, a], matched_iou[b, a] = 1, g, iou[a, g]
@@ -112,13 +112,16 @@ def test_all_ignore_band():
     np.testing.assert_array_equal(states, [[-1, -1]])
 
 
-def test_tie_between_two_anchors_both_forced():
+def test_tie_between_two_anchors_forces_only_the_first():
     gt = [[[0, 0, 10, 10]]]
     anchors = [[-5, 0, 5, 10], [5, 0, 15, 10], [40, 40, 50, 50]]  # 1/3, 1/3, 0
     states, matched, iou = _match(anchors, gt, [[1]], force_best="global")
-    np.testing.assert_array_equal(states, [[1, 1, 0]])
-    np.testing.assert_array_equal(matched[:, :2], [[0, 0]])
+    np.testing.assert_array_equal(states, [[1, 0, 0]])
+    np.testing.assert_array_equal(matched[:, :1], [[0]])
     np.testing.assert_allclose(iou, [[1 / 3, 1 / 3, 0]], rtol=1e-5)
+    # Reversed anchor order: still one forced anchor, again the first of the tie.
+    states, _, _ = _match(anchors[1::-1] + anchors[2:], gt, [[1]], force_best="global")
+    np.testing.assert_array_equal(states, [[1, 0, 0]])
     # The GT is below the negative threshold everywhere: without forcing it has no anchor.
     states, _, _ = _match(anchors, gt, [[1]], force_best=None)
     np.testing.assert_array_equal(states, [[0, 0, 0]])
@@ -388,3 +391,21 @@ def test_sample_balanced_invalid_arguments():
         sample_balanced(np.zeros((1, 4), np.int32), -1)
     with pytest.raises(ValueError, match="states"):
         sample_balanced(np.zeros((4,), np.int32), 4)
+
+
+def test_per_level_forcing_takes_one_anchor_when_many_small_anchors_tie_inside_a_large_gt():
+    # Level 0: four 2x2 anchors all inside the 20x20 GT (identical IoU 4/400); level 1: two
+    # anchors, one overlapping better. Forcing every tie would make all four positive.
+    anchors = [
+        [0, 0, 2, 2],
+        [4, 4, 6, 6],
+        [8, 8, 10, 10],
+        [12, 12, 14, 14],
+        [0, 0, 16, 16],
+        [30, 30, 46, 46],
+    ]
+    gt = [[[0, 0, 20, 20]]]
+    states, matched, _ = _match(anchors, gt, [[0]], force_best="per_level", level_sizes=[4, 2])
+    np.testing.assert_array_equal(states, [[1, 0, 0, 0, 1, 0]])
+    states, _, _ = _match(anchors, gt, [[0]], force_best="global")
+    np.testing.assert_array_equal(states, [[0, 0, 0, 0, 1, 0]])
