@@ -443,6 +443,49 @@ class CocoDataset:
 
     # ------------------------------------------------------------------ tf.data
 
+    def padded_targets(self, max_boxes: int | None = None, with_keypoints: bool = False) -> dict:
+        """The whole data set's targets as padded NumPy arrays, without reading any image.
+
+        Args:
+            max_boxes: ``M``, boxes per image after padding; default the largest count in the set.
+                An image with more boxes raises (boxes are never silently dropped).
+            with_keypoints: also return ``"keypoints"``.
+
+        Returns:
+            ``{"boxes": (N, M, 4) float32 xyxy, "labels": (N, M) int32[, "keypoints": (N, M, K, 3)
+            float32]}`` in record order, padded with -1 (the convention of :meth:`to_tf_dataset`).
+        """
+        if with_keypoints and not self.num_keypoints:
+            raise ValueError(
+                f"{self.annotation_file}: with_keypoints=True, but no category defines keypoints"
+            )
+        counts = [len(r["labels"]) for r in self.records]
+        largest = max(counts, default=0)
+        if max_boxes is None:
+            max_boxes = max(1, largest)
+        elif int(max_boxes) != max_boxes or max_boxes < 1:
+            raise ValueError(f"max_boxes must be a positive integer, got {max_boxes!r}")
+        for record, count in zip(self.records, counts, strict=True):
+            if count > max_boxes:
+                raise ValueError(
+                    f"image id {record['image_id']} ({record['path']}) has {count} boxes, more "
+                    f"than max_boxes={max_boxes}; raise max_boxes (the largest count in this data "
+                    f"set is {largest}); boxes are never silently dropped"
+                )
+        n, k = len(self.records), self.num_keypoints
+        out = {
+            "boxes": np.full((n, max_boxes, 4), -1.0, np.float32),
+            "labels": np.full((n, max_boxes), -1, np.int32),
+        }
+        if with_keypoints:
+            out["keypoints"] = np.full((n, max_boxes, k, 3), -1.0, np.float32)
+        for i, (record, count) in enumerate(zip(self.records, counts, strict=True)):
+            out["boxes"][i, :count] = record["boxes"]
+            out["labels"][i, :count] = record["labels"]
+            if with_keypoints:
+                out["keypoints"][i, :count] = record["keypoints"]
+        return out
+
     def to_tf_dataset(
         self,
         batch_size: int = 8,
@@ -522,29 +565,9 @@ class CocoDataset:
         else:
             out_h, out_w = transforms._target_size(image_size)
 
-        counts = [len(r["labels"]) for r in self.records]
-        largest = max(counts)
-        if max_boxes is None:
-            max_boxes = max(1, largest)
-        elif int(max_boxes) != max_boxes or max_boxes < 1:
-            raise ValueError(f"max_boxes must be a positive integer, got {max_boxes!r}")
-        for record, count in zip(self.records, counts, strict=True):
-            if count > max_boxes:
-                raise ValueError(
-                    f"image id {record['image_id']} ({record['path']}) has {count} boxes, more "
-                    f"than max_boxes={max_boxes}; raise max_boxes (the largest count in this data "
-                    f"set is {largest}); boxes are never silently dropped"
-                )
-
-        n, k = len(self.records), self.num_keypoints
-        boxes = np.full((n, max_boxes, 4), -1.0, np.float32)
-        labels = np.full((n, max_boxes), -1, np.int32)
-        keypoints = np.full((n, max_boxes, k, 3), -1.0, np.float32) if with_keypoints else None
-        for i, (record, count) in enumerate(zip(self.records, counts, strict=True)):
-            boxes[i, :count] = record["boxes"]
-            labels[i, :count] = record["labels"]
-            if keypoints is not None:
-                keypoints[i, :count] = record["keypoints"]
+        targets = self.padded_targets(max_boxes, with_keypoints)
+        boxes, labels = targets["boxes"], targets["labels"]
+        keypoints = targets.get("keypoints")
         columns = {
             "path": np.asarray([r["path"] for r in self.records]),
             "image_id": np.asarray(self.image_ids, np.int64),
@@ -607,7 +630,7 @@ class CocoDataset:
 
         ds = tf.data.Dataset.from_tensor_slices(columns)
         if shuffle:
-            ds = ds.shuffle(n, seed=seed_value, reshuffle_each_iteration=True)
+            ds = ds.shuffle(len(self.records), seed=seed_value, reshuffle_each_iteration=True)
         if repeat:
             ds = ds.repeat()
         # One random int64 per element from a seeded stream that is redrawn every epoch: the

@@ -440,3 +440,22 @@ def test_load_image_reads_the_record_and_names_a_missing_file(shapes_paths, tmp_
     ds.records[0]["path"] = tmp_path / "gone.png"
     with pytest.raises(ValueError, match="gone.png"):
         ds.load_image(0)
+
+
+def test_padded_targets_match_the_tf_dataset_without_reading_images(shapes_paths, tmp_path):
+    ds = CocoDataset(shapes_paths["train_annotations"])
+    targets = ds.padded_targets(with_keypoints=True)
+    n, m = len(ds), max(len(r["labels"]) for r in ds.records)
+    assert targets["boxes"].shape == (n, m, 4) and targets["labels"].shape == (n, m)
+    assert targets["keypoints"].shape == (n, m, ds.num_keypoints, 3)
+    _, batch = next(iter(ds.to_tf_dataset(batch_size=n, with_keypoints=True)))
+    for key in ("boxes", "labels", "keypoints"):
+        np.testing.assert_array_equal(targets[key], batch[key].numpy())
+    wide = ds.padded_targets(max_boxes=m + 3)
+    assert np.all(wide["labels"][:, m:] == -1) and np.all(wide["boxes"][:, m:] == -1)
+    with pytest.raises(ValueError, match="never silently dropped"):
+        ds.padded_targets(max_boxes=1)
+    # Reading no image: it works even when the image files are gone.
+    for record in ds.records:
+        record["path"] = tmp_path / "missing.png"
+    np.testing.assert_array_equal(ds.padded_targets()["labels"], targets["labels"])
