@@ -1,0 +1,393 @@
+"""Tests of dlnotes.losses against float64 NumPy references, at extreme logits and degenerate boxes,
+and of the cross-replica normaliser under a 2-replica MirroredStrategy."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dlnotes import losses as L
+
+EXTREME = np.array([-1e4, -1e3, -104.0, -100.0, -30.0, -3.0, 0.0, 3.0, 30.0, 100.0, 104.0, 1e4])
+PARAMS = [(0.25, 2.0), (0.5, 0.0), (None, 1.5), (0.75, 0.5), (0.25, 5.0), (None, 0.0)]
+
+
+# ----------------------------------------------------------------------------- references
+def np_focal(y, z, alpha, gamma):
+    """Focal loss from the paper's definition in probability space, float64 (soft labels too).
+
+    ``p`` and ``1 - p`` are each computed from ``logaddexp`` (never as ``1 - p``, which loses all
+    digits when ``p`` is close to 1), so the reference is accurate for the tested logits.
+    """
+    y, z = np.asarray(y, np.float64), np.asarray(z, np.float64)
+    log_p, log_1mp = -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)
+    p, one_minus_p = np.exp(log_p), np.exp(log_1mp)
+    p_t = y * p + (1 - y) * one_minus_p
+    one_minus_pt = y * one_minus_p + (1 - y) * p
+    ce = -(y * log_p + (1 - y) * log_1mp)
+    alpha_t = 1.0 if alpha is None else y * alpha + (1 - y) * (1 - alpha)
+    assert np.allclose(p_t + one_minus_pt, 1.0)
+    return alpha_t * one_minus_pt**gamma * ce
+
+
+def np_focal_logspace(y, z, alpha, gamma):
+    """Hard labels, float64, in log space: log p = -logaddexp(0, -z), log(1-p) = -logaddexp(0, z)."""
+    y, z = np.asarray(y, np.float64), np.asarray(z, np.float64)
+    log_p, log_1mp = -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)
+    ce = np.where(y == 1, -log_p, -log_1mp)
+    log_1mpt = np.where(y == 1, log_1mp, log_p)
+    alpha_t = 1.0 if alpha is None else np.where(y == 1, alpha, 1 - alpha)
+    return alpha_t * np.exp(gamma * log_1mpt) * ce
+
+
+def np_focal_naive_float32(y, z, alpha, gamma):
+    """The naive formula in float32: what the stable version must avoid."""
+    y, z = np.float32(y), np.float32(z)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        p = np.float32(1) / (np.float32(1) + np.exp(-z))
+        p_t = y * p + (1 - y) * (1 - p)
+        return np.float32(alpha) * (1 - p_t) ** np.float32(gamma) * -np.log(p_t)
+
+
+# ----------------------------------------------------------------------------- focal loss
+@pytest.mark.parametrize("alpha,gamma", PARAMS)
+def test_focal_matches_float64_reference(alpha, gamma):
+    rng = np.random.default_rng(0)
+    y = (rng.uniform(size=(4, 50, 3)) < 0.2).astype(np.float32)
+    z = rng.normal(0.0, 4.0, size=(4, 50, 3)).astype(np.float32)
+    got = L.sigmoid_focal_loss(y, z, alpha=alpha, gamma=gamma)
+    assert got.shape == y.shape and got.dtype == tf.float32
+    np.testing.assert_allclose(got, np_focal(y, z, alpha, gamma), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("alpha,gamma", PARAMS)
+def test_focal_extreme_logits(alpha, gamma):
+    y = np.repeat([0.0, 1.0], len(EXTREME)).astype(np.float32)
+    z = np.tile(EXTREME, 2).astype(np.float32)
+    got = L.sigmoid_focal_loss(y, z, alpha=alpha, gamma=gamma).numpy()
+    assert np.isfinite(got).all()
+    # float32 logits: the exponent gamma * log(1 - p_t) carries float32 rounding (gamma = 5).
+    np.testing.assert_allclose(got, np_focal_logspace(y, z, alpha, gamma), rtol=1e-5, atol=1e-30)
+    np.testing.assert_allclose(got, np_focal(y, z, alpha, gamma), rtol=1e-5, atol=1e-30)
+    # Hand values: a confident wrong prediction costs alpha_t * |z|, a confident right one 0.
+    a_pos = 1.0 if alpha is None else alpha
+    a_neg = 1.0 if alpha is None else 1 - alpha
+    n, index = len(EXTREME), list(EXTREME).index
+    assert got[n + index(-100.0)] == pytest.approx(a_pos * 100.0, rel=1e-6)  # y=1, z=-100
+    assert got[index(100.0)] == pytest.approx(a_neg * 100.0, rel=1e-6)  # y=0, z=+100
+    assert got[n + index(-1e4)] == pytest.approx(a_pos * 1e4, rel=1e-6)  # y=1, z=-1e4
+    assert got[index(1e4)] == pytest.approx(a_neg * 1e4, rel=1e-6)  # y=0, z=+1e4
+    assert got[-1] == 0.0 and got[0] == 0.0  # confident and right
+
+
+def test_naive_float32_formula_fails_where_the_stable_one_does_not():
+    y, z = np.float32([1.0, 0.0]), np.float32([-104.0, 104.0])
+    naive = np_focal_naive_float32(y, z, 0.25, 2.0)
+    assert not np.isfinite(naive).all()  # exp overflow / log(0): the reason for log space
+    stable = L.sigmoid_focal_loss(y, z).numpy()
+    np.testing.assert_allclose(stable, [0.25 * 104.0, 0.75 * 104.0], rtol=1e-6)
+
+
+def test_gamma_0_alpha_none_is_cross_entropy():
+    z = np.float32(np.concatenate([EXTREME, np.linspace(-5, 5, 11)]))
+    for y in (np.zeros_like(z), np.ones_like(z), np.full_like(z, 0.3)):
+        got = L.sigmoid_focal_loss(y, z, alpha=None, gamma=0.0)
+        np.testing.assert_array_equal(got, tf.nn.sigmoid_cross_entropy_with_logits(y, z))
+        ref = np.logaddexp(0.0, -np.float64(z)) * y + np.logaddexp(0.0, np.float64(z)) * (1 - y)
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-30)
+
+
+def test_focal_float64_in_float64_out():
+    z = np.linspace(-20, 20, 41)
+    y = (z > 3).astype(np.float64)
+    got = L.sigmoid_focal_loss(y, z, alpha=0.25, gamma=2.0)
+    assert got.dtype == tf.float64
+    np.testing.assert_allclose(got, np_focal(y, z, 0.25, 2.0), rtol=1e-12, atol=1e-300)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    y=st.floats(0.0, 1.0),
+    z=st.floats(-30.0, 30.0),
+    alpha=st.one_of(st.none(), st.floats(0.0, 1.0)),
+    gamma=st.floats(0.0, 5.0),
+)
+def test_focal_soft_labels_property(y, z, alpha, gamma):
+    got = L.sigmoid_focal_loss([y], np.float64([z]), alpha=alpha, gamma=gamma).numpy()
+    want = np_focal([y], [z], alpha, gamma)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_soft_labels_extreme_logits_are_finite_and_continuous_at_hard_labels():
+    z = np.float32(EXTREME)
+    for y in (0.3, 1e-6, 1 - 1e-6, 0.5):
+        got = L.sigmoid_focal_loss(np.full_like(z, y), z)
+        assert np.isfinite(got).all()
+    # y -> 1 approaches the hard-label value (float64 so that 1 - 1e-9 is representable).
+    z = np.float64(EXTREME)
+    near = L.sigmoid_focal_loss(np.full_like(z, 1 - 1e-9), z).numpy()
+    hard = L.sigmoid_focal_loss(np.ones_like(z), z).numpy()
+    np.testing.assert_allclose(near, hard, rtol=1e-5, atol=1e-6)
+
+
+def _focal_grad(y, z, alpha, gamma):
+    z = tf.Variable(z)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(L.sigmoid_focal_loss(y, z, alpha=alpha, gamma=gamma))
+    return tape.gradient(loss, z).numpy()
+
+
+@pytest.mark.parametrize("alpha,gamma", PARAMS)
+def test_focal_gradients_finite_at_extreme_logits(alpha, gamma):
+    for label in (0.0, 1.0, 0.3):
+        y = np.full(len(EXTREME), label, np.float32)
+        grad = _focal_grad(y, EXTREME.astype(np.float32), alpha, gamma)
+        assert np.isfinite(grad).all(), (label, grad)
+        # Far on the wrong side the gradient is the CE's: -alpha_t for positives, +alpha_t for
+        # negatives; on the right side it vanishes.
+        if label == 1.0:
+            a = 1.0 if alpha is None else alpha
+            assert grad[0] == pytest.approx(-a) and grad[-1] == pytest.approx(0.0, abs=1e-30)
+        if label == 0.0:
+            a = 1.0 if alpha is None else 1 - alpha
+            assert grad[-1] == pytest.approx(a) and grad[0] == pytest.approx(0.0, abs=1e-30)
+
+
+@pytest.mark.parametrize("alpha,gamma", PARAMS)
+def test_focal_gradient_matches_finite_differences(alpha, gamma):
+    z = np.linspace(-8.0, 8.0, 17)
+    for y in (np.zeros_like(z), np.ones_like(z), np.full_like(z, 0.7)):
+        grad = _focal_grad(y, z, alpha, gamma)
+        h = 1e-6
+        numeric = (np_focal(y, z + h, alpha, gamma) - np_focal(y, z - h, alpha, gamma)) / (2 * h)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_focal_jit_compile_and_errors():
+    rng = np.random.default_rng(1)
+    y = (rng.uniform(size=(2, 30, 4)) < 0.3).astype(np.float32)
+    z = np.float32(rng.normal(0, 50, size=(2, 30, 4)))
+    compiled = tf.function(L.sigmoid_focal_loss, jit_compile=True)(y, z)
+    np.testing.assert_allclose(compiled, L.sigmoid_focal_loss(y, z), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="same shape"):
+        L.sigmoid_focal_loss(np.zeros((2, 3)), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="alpha"):
+        L.sigmoid_focal_loss([1.0], [0.0], alpha=1.5)
+    with pytest.raises(ValueError, match="gamma"):
+        L.sigmoid_focal_loss([1.0], [0.0], gamma=-1.0)
+
+
+# ----------------------------------------------------------------------------- smooth L1 / Huber
+def np_smooth_l1(d, beta):
+    d = np.abs(d)
+    return np.where(d < beta, 0.5 * d**2 / beta, d - 0.5 * beta)
+
+
+def np_huber(d, delta):
+    d = np.abs(d)
+    return np.where(d <= delta, 0.5 * d**2, delta * (d - 0.5 * delta))
+
+
+def _value_and_grad(fn, y_true, y_pred, **kwargs):
+    y_pred = tf.Variable(np.asarray(y_pred, np.float64))
+    with tf.GradientTape() as tape:
+        loss = fn(np.asarray(y_true, np.float64), y_pred, **kwargs)
+        total = tf.reduce_sum(loss)
+    return loss.numpy(), tape.gradient(total, y_pred).numpy()
+
+
+def test_smooth_l1_values_at_the_kink():
+    beta = 1.0 / 9.0
+    d = np.array([0.0, beta / 2, beta - 1e-9, beta, beta + 1e-9, 2 * beta, 1.0, -beta, -3.0])
+    value, grad = _value_and_grad(L.smooth_l1, np.zeros_like(d), d)
+    np.testing.assert_allclose(value, np_smooth_l1(d, beta), rtol=1e-12, atol=1e-15)
+    # Value beta/2 and slope 1 on both sides of the kink; keras-retinanet's sigma=3 form.
+    assert value[3] == pytest.approx(beta / 2) and value[2] == pytest.approx(beta / 2)
+    np.testing.assert_allclose(grad[2:5], 1.0, rtol=1e-7)
+    np.testing.assert_allclose(grad, np.clip(d / beta, -1, 1), rtol=1e-7)
+    sigma2 = 9.0
+    retinanet = np.where(np.abs(d) < 1 / sigma2, 0.5 * sigma2 * d**2, np.abs(d) - 0.5 / sigma2)
+    np.testing.assert_allclose(value, retinanet, rtol=1e-12, atol=1e-15)
+    # beta = 0 is L1; the default is beta = 1/9; shapes are kept.
+    np.testing.assert_allclose(L.smooth_l1(np.zeros(3), [-2.0, 0.5, 0.0], beta=0.0), [2, 0.5, 0])
+    assert L.smooth_l1(np.zeros((2, 5, 4)), np.ones((2, 5, 4))).shape == (2, 5, 4)
+    np.testing.assert_allclose(L.smooth_l1(0.0, 1.0), 1.0 - 0.5 / 9.0, rtol=1e-6)
+
+
+def test_huber_values_at_the_kink_and_keras():
+    delta = 0.1
+    d = np.array([0.0, 0.05, delta - 1e-9, delta, delta + 1e-9, 0.3, -0.1, -2.0])
+    value, grad = _value_and_grad(L.huber, np.zeros_like(d), d)
+    np.testing.assert_allclose(value, np_huber(d, delta), rtol=1e-12, atol=1e-15)
+    assert value[3] == pytest.approx(0.5 * delta**2)
+    np.testing.assert_allclose(grad, np.clip(d, -delta, delta), rtol=1e-7, atol=1e-15)
+    # keras.losses.Huber averages its last axis: with a last axis of 1 it is elementwise.
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.normal(size=(6, 4, 1)), rng.normal(0, 0.2, size=(6, 4, 1))
+    want = keras.losses.Huber(delta=delta, reduction=None)(y_true, y_pred)
+    np.testing.assert_allclose(L.huber(y_true, y_pred)[..., 0], want, rtol=1e-6)
+    # Huber(delta) = delta * smooth_l1(beta=delta).
+    np.testing.assert_allclose(
+        L.huber(y_true, y_pred, delta=0.3), 0.3 * L.smooth_l1(y_true, y_pred, beta=0.3), rtol=1e-12
+    )
+    with pytest.raises(ValueError, match="delta"):
+        L.huber([0.0], [1.0], delta=0.0)
+    with pytest.raises(ValueError, match="beta"):
+        L.smooth_l1([0.0], [1.0], beta=-1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        L.huber(np.zeros(3), np.zeros(4))
+
+
+# ----------------------------------------------------------------------------- IoU losses
+KINDS = ("iou", "giou", "diou", "ciou")
+
+
+def test_iou_loss_hand_values():
+    a = [0.0, 0.0, 2.0, 2.0]
+    b = [1.0, 1.0, 3.0, 3.0]  # inter 1, union 7, enclosing 3x3, centre distance^2 2, diagonal^2 18
+    want = {
+        "iou": 1 - 1 / 7,
+        "giou": 1 - (1 / 7 - 2 / 9),
+        "diou": 1 - (1 / 7 - 2 / 18),
+        "ciou": 1 - (1 / 7 - 2 / 18),  # same aspect ratio: no CIoU penalty
+    }
+    for kind in KINDS:
+        assert float(L.iou_loss(a, b, kind=kind)) == pytest.approx(want[kind], rel=1e-5)
+        assert float(L.iou_loss(a, a, kind=kind)) == pytest.approx(0.0, abs=1e-6)
+    # Disjoint boxes: IoU loss 1, GIoU / DIoU penalise the distance.
+    far = [10.0, 0.0, 12.0, 2.0]
+    assert float(L.iou_loss(a, far, "iou")) == pytest.approx(1.0)
+    assert float(L.iou_loss(a, far, "giou")) == pytest.approx(1 + (24 - 8) / 24, rel=1e-5)
+    assert float(L.iou_loss(a, far, "diou")) == pytest.approx(1 + 100 / (144 + 4), rel=1e-5)
+    # CIoU: a 2x1 prediction against a 2x2 truth pays the aspect term.
+    pred = [0.0, 0.0, 2.0, 1.0]
+    iou = 0.5
+    rho2, c2 = 0.25, 8.0
+    v = 4 / math.pi**2 * (math.atan(1.0) - math.atan(2.0)) ** 2
+    ciou = iou - rho2 / c2 - v / (1 - iou + v) * v
+    assert float(L.iou_loss(a, pred, "ciou")) == pytest.approx(1 - ciou, rel=1e-5)
+    # Batched shapes.
+    assert L.iou_loss(np.zeros((2, 7, 4)), np.ones((2, 7, 4)), "giou").shape == (2, 7)
+    with pytest.raises(ValueError, match="kind"):
+        L.iou_loss(a, b, kind="eiou")
+
+
+DEGENERATE = [
+    # (truth, prediction)
+    ([5.0, 5.0, 5.0, 5.0], [5.0, 5.0, 5.0, 5.0]),  # both points, same place
+    ([5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 10.0, 10.0]),  # point truth inside a box
+    ([0.0, 0.0, 10.0, 10.0], [3.0, 3.0, 3.0, 3.0]),  # point prediction inside
+    ([0.0, 0.0, 10.0, 10.0], [3.0, 2.0, 3.0, 8.0]),  # zero-width prediction
+    ([0.0, 4.0, 10.0, 4.0], [0.0, 4.0, 10.0, 4.0]),  # identical zero-height boxes
+    ([0.0, 0.0, 0.0, 0.0], [20.0, 20.0, 20.0, 20.0]),  # two distant points
+    ([0.0, 0.0, 10.0, 10.0], [8.0, 8.0, 2.0, 2.0]),  # inverted (negative size) prediction
+    ([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0 + 1e-6, 1.0 + 1e-6]),  # tiny box on a point
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_iou_loss_degenerate_boxes_finite_values_and_gradients(kind):
+    truth = tf.Variable(np.float32([t for t, _ in DEGENERATE]))
+    pred = tf.Variable(np.float32([p for _, p in DEGENERATE]))
+    with tf.GradientTape() as tape:
+        loss = L.iou_loss(truth, pred, kind=kind)
+        total = tf.reduce_sum(loss)
+    grads = tape.gradient(total, [truth, pred])
+    assert np.isfinite(loss).all()
+    assert all(np.isfinite(g).all() for g in grads)
+    upper = {"iou": 1.0, "giou": 2.0, "diou": 2.0, "ciou": 2.5}[kind]
+    assert np.all(loss >= -1e-6) and np.all(loss <= upper + 1e-6)
+    compiled = tf.function(lambda t, p: L.iou_loss(t, p, kind=kind), jit_compile=True)
+    np.testing.assert_allclose(compiled(truth, pred), loss, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- normaliser
+def test_global_normalizer_without_strategy():
+    assert float(L.global_normalizer(0)) == 1.0
+    assert float(L.global_normalizer(5)) == 5.0
+    assert float(L.global_normalizer(0.0, minimum=0.5)) == 0.5
+    mask = tf.constant([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    assert float(L.global_normalizer(mask)) == 3.0  # a mask is summed
+    assert float(tf.function(L.global_normalizer, jit_compile=True)(tf.constant(7.0))) == 7.0
+
+
+MIRRORED_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+    )
+    from dlnotes.losses import global_normalizer
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # Replica r holds a share of the batch: per-anchor "losses" and a positive mask.
+    x = [tf.constant([1.0, 2.0, 3.0, 4.0]), tf.constant([5.0, -1.0, 0.5, 2.0])]
+    pos = [tf.constant([1.0, 0.0, 1.0, 1.0]), tf.constant([0.0, 1.0, 0.0, 0.0])]
+    zero = [tf.zeros(4), tf.zeros(4)]
+
+    def per_replica(values):
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: values[ctx.replica_id_in_sync_group]
+        )
+
+    with strategy.scope():
+        w = tf.Variable(0.7)
+
+    def replica_fn(x, pos, global_norm):
+        ctx = tf.distribute.get_replica_context()
+        norm = global_normalizer(pos) if global_norm else tf.maximum(tf.reduce_sum(pos), 1.0)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(w * x) * pos) / norm
+        grad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tape.gradient(loss, w))
+        return norm, grad, global_normalizer(tf.zeros_like(pos)), ctx.num_replicas_in_sync
+
+    @tf.function
+    def run(global_norm):
+        return strategy.run(replica_fn, args=(per_replica(x), per_replica(pos), global_norm))
+
+    def local(values):
+        return [float(v) for v in strategy.experimental_local_results(values)]
+
+    norm, grad, empty, replicas = run(True)
+    _, naive_grad, _, _ = run(False)
+    # One device, whole batch: d/dw sum(w^2 x^2 pos) / sum(pos).
+    xs, ps = tf.concat(x, 0), tf.concat(pos, 0)
+    single = float(tf.reduce_sum(2 * 0.7 * tf.square(xs) * ps) / tf.reduce_sum(ps))
+    print(json.dumps({
+        "norm": local(norm), "grad": local(grad), "naive_grad": local(naive_grad),
+        "empty": local(empty), "replicas": local(replicas), "single": single,
+    }))
+    """
+)
+
+
+def test_global_normalizer_sums_across_two_replicas():
+    # Logical devices must be configured before TF initialises them: a fresh interpreter.
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"TF_CPP_MIN_LOG_LEVEL": "3", **os.environ},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == [2]
+    assert out["norm"] == [4.0, 4.0]  # 3 positives on replica 0, 1 on replica 1
+    assert out["empty"] == [1.0, 1.0]  # no positives anywhere: the minimum
+    # Summed gradients equal the single-device gradient with the global normaliser...
+    assert out["grad"] == pytest.approx([out["single"]] * 2, rel=1e-6)
+    # ... and not with per-replica normalisers (the bug the global normaliser prevents).
+    assert out["naive_grad"][0] != pytest.approx(out["single"], rel=1e-3)
