@@ -79,34 +79,63 @@ def _inside_image(anchors, image_shape, allowed_border):
 
 
 def _best_anchor_per_gt(iou, level_sizes=None):
-    """``(B, A, G)`` bool: the single best anchor of every GT, over all anchors or per level.
+    """The best anchor of every GT, over all anchors or on every level: ``(index, iou)``.
 
-    ``iou`` is ``(B, A, G)``. With ``level_sizes`` (Python ints summing to A) every GT gets its best
-    anchor on *each* level. Ties go to the lowest anchor index: a small GT inside several anchors
-    of one size, or a large GT containing many small anchors of a level, has exactly the same IoU
+    ``iou`` is ``(B, A, G)``. Returns int32 anchor indices and their float32 IoUs, both ``(B, G)``
+    (global) or ``(B, L * G)`` (one per level and GT, level-major) with ``level_sizes`` (Python
+    ints summing to A). Ties go to the lowest anchor index: a small GT inside several anchors of
+    one size, or a large GT containing many small anchors of a level, has exactly the same IoU
     with all of them, and forcing them all would flood the positives with poor anchors.
-    The per-level argmax is two ``unsorted_segment`` reductions over (image, level) segments (the
-    max, then the lowest index reaching it) instead of a loop over levels.
     """
-    num_anchors = tf.shape(iou)[1]
-    index = tf.broadcast_to(tf.range(num_anchors)[None, :, None], tf.shape(iou))
     if level_sizes is None:
-        # The lowest index reaching the max (tf.argmax does not promise which tie it returns).
-        best = tf.reduce_max(iou, axis=1, keepdims=True)
-        first = tf.reduce_min(tf.where(iou >= best, index, num_anchors), axis=1, keepdims=True)
-        return tf.equal(index, first)
+        # TF's argmax (CPU, GPU and XLA kernels) returns the first maximum.
+        index = tf.argmax(iou, axis=1, output_type=tf.int32)  # (B, G)
+        return index, tf.reduce_max(iou, axis=1)
+    # Per level: two unsorted_segment reductions over (image, level) segments (the max, then the
+    # lowest index reaching it) instead of a loop over levels.
     num_levels = len(level_sizes)
-    batch = tf.shape(iou)[0]
+    batch, num_anchors = tf.shape(iou)[0], tf.shape(iou)[1]
     level_of_anchor = tf.repeat(tf.range(num_levels), level_sizes)  # (A,)
-    # Segment id b * L + level, so that one segment op handles the whole batch.
     segment_ids = tf.range(batch)[:, None] * num_levels + level_of_anchor[None, :]  # (B, A)
     num_segments = batch * num_levels
     level_max = tf.math.unsorted_segment_max(iou, segment_ids, num_segments)  # (B*L, G)
-    level_max = tf.gather(tf.reshape(level_max, [batch, num_levels, -1]), level_of_anchor, axis=1)
-    candidate = tf.where(iou >= level_max, index, num_anchors)  # anchors reaching the level max
-    first = tf.math.unsorted_segment_min(candidate, segment_ids, num_segments)  # (B*L, G)
-    first = tf.gather(tf.reshape(first, [batch, num_levels, -1]), level_of_anchor, axis=1)
-    return tf.equal(index, first)
+    level_max = tf.reshape(level_max, [batch, num_levels, -1])
+    index = tf.broadcast_to(tf.range(num_anchors)[None, :, None], tf.shape(iou))
+    reaching = iou >= tf.gather(level_max, level_of_anchor, axis=1)
+    first = tf.math.unsorted_segment_min(
+        tf.where(reaching, index, num_anchors), segment_ids, num_segments
+    )
+    first = tf.reshape(first, [batch, -1])  # (B, L*G), level-major like level_max
+    return first, tf.reshape(level_max, [batch, -1])
+
+
+def _forced_matches(iou, level_sizes=None):
+    """Anchors forced by the "each GT keeps its best anchor" rule, as ``(B, A)`` tensors.
+
+    Each valid GT forces its best anchor (see :func:`_best_anchor_per_gt`) if their IoU is > 0;
+    an anchor forced by several GTs goes to the one it overlaps most (the lowest GT index on
+    equal IoUs). Works on the ``(B, G)`` (or ``(B, L*G)``) candidates with two scatters into
+    ``(B, A)``, instead of masks over the whole ``(B, A, G)`` IoU tensor.
+
+    Returns:
+        ``(forced, forced_gt, forced_iou)``: bool, int32 and float32 ``(B, A)``.
+    """
+    batch, num_anchors, num_gt = tf.shape(iou)[0], tf.shape(iou)[1], tf.shape(iou)[2]
+    anchor, value = _best_anchor_per_gt(iou, level_sizes)  # (B, K)
+    gt = tf.math.floormod(tf.range(tf.shape(anchor)[1]), num_gt)[None, :]  # (1, K)
+    # IoU > 0 skips GTs that overlap no anchor, invalid GTs (IoU -1) and anchors outside the image.
+    candidate = value > 0.0
+    image = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(anchor))
+    where = tf.stack([image, anchor], axis=-1)  # (B, K, 2)
+    best_at_anchor = tf.tensor_scatter_nd_max(
+        tf.fill([batch, num_anchors], -1.0), where, tf.where(candidate, value, -1.0)
+    )
+    winner = tf.logical_and(candidate, value >= tf.gather_nd(best_at_anchor, where))
+    forced_gt = tf.tensor_scatter_nd_min(
+        tf.fill([batch, num_anchors], num_gt), where, tf.where(winner, gt, num_gt)
+    )
+    forced = forced_gt < num_gt
+    return forced, tf.where(forced, forced_gt, 0), best_at_anchor
 
 
 def match_anchors(
@@ -214,15 +243,9 @@ def match_anchors(
     if force_best is not None:
         # Step 1: each GT keeps its best anchor (over all anchors, or per pyramid level).
         level_split = level_sizes if force_best == "per_level" else None
-        # iou > 0 skips GTs that overlap no anchor at all, invalid GTs (all -1) and anchors
-        # outside the image (-1).
-        is_forced = tf.logical_and(_best_anchor_per_gt(iou, level_split), iou > 0.0)  # (B,A,G+1)
-        forced = tf.reduce_any(is_forced, axis=-1)
-        # An anchor forced by several GTs goes to the one it overlaps most.
-        forced_iou = tf.where(is_forced, iou, -1.0)
-        forced_gt = tf.argmax(forced_iou, axis=-1, output_type=tf.int32)
+        forced, forced_gt, forced_iou = _forced_matches(iou, level_split)  # (B, A) each
         best_gt = tf.where(forced, forced_gt, best_gt)
-        best_iou = tf.where(forced, tf.reduce_max(forced_iou, axis=-1), best_iou)
+        best_iou = tf.where(forced, forced_iou, best_iou)
         states = tf.where(forced, POSITIVE, states)
 
     if inside is not None:
