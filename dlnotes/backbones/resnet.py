@@ -9,11 +9,12 @@ Every backbone is built by :func:`build_backbone` and is a plain ``keras.Model``
 
 Outputs
     A list ``[C3, C4, C5]``: ``C_l`` has shape ``(B, ceil(H / 2**l), ceil(W / 2**l), channels_l)``,
-    i.e. strides 8, 16 and 32 (``levels=`` picks other levels, 2..5). Each output is an identity
-    layer named ``"C3"``, ``"C4"``, ``"C5"`` placed after the last block of its stage (the
-    post-ReLU ``conv{l}_block{n}_out`` tensor), so a detector recovers the level and stride from
-    ``backbone.output_names`` (stride ``2**level``) and the channels from
-    ``backbone.outputs[i].shape[-1]``, both of which survive ``save`` / ``load_model``.
+    i.e. strides 8, 16 and 32. Each output is an identity layer named ``"C3"``, ``"C4"``,
+    ``"C5"`` placed after the last block of its stage (the post-ReLU ``conv{l}_block{n}_out``
+    tensor), so a detector recovers the level and stride from ``backbone.output_names`` (stride
+    ``2**level``, see :func:`output_strides`) and the channels from
+    ``backbone.outputs[i].shape[-1]``, both of which survive ``save`` / ``load_model``. C2
+    (stride 4) is ``backbone.get_layer("conv2_block{n}_out").output`` for a neck that needs it.
 
 Two families, two layouts (both with the same layer-naming scheme as keras.applications:
 ``conv1_conv``, ``conv2_block1_1_conv``, ``conv2_block1_0_bn`` (shortcut), ``..._add``, ``..._out``):
@@ -24,8 +25,8 @@ Two families, two layouts (both with the same layer-naming scheme as keras.appli
   (:func:`copy_weights_by_name`), which is how ``weights="imagenet"`` works.
 * ``resnet18``, ``resnet34`` (basic blocks), ``resnext50_32x4d``, ``resnext101_32x4d`` (grouped
   bottlenecks) and ``resnet_tiny`` follow torchvision's ``torchvision.models.resnet``: no conv
-  bias, BatchNorm epsilon 1e-5, the stride on the 3x3 conv ("ResNet v1.5"), and torch's symmetric
-  padding for stride-2 convs (an explicit ``ZeroPadding2D`` before a "valid" conv, because
+  bias, BatchNorm epsilon 1e-5, the stride on the (first) 3x3 conv of a block (for bottlenecks
+  this is "ResNet v1.5"), and torch's symmetric padding for stride-2 convs (an explicit ``ZeroPadding2D`` before a "valid" conv, because
   Keras' "same" pads only bottom/right at stride 2). Trainable parameter counts equal
   torchvision's published figures minus the 1000-class fc layer.
 
@@ -45,20 +46,23 @@ images are RGB float ``(B, H, W, 3)`` with values in ``[0, 255]``.
   for any ``weights`` so that a model fine-tuned from ImageNet and saved keeps its convention.
 * the torchvision family: torch style, ``x / 255`` then per-channel ImageNet mean
   (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), as torchvision's pretrained weights
-  expect (so weights ported from torchvision work unchanged).
+  expect (the layer layout and padding match torchvision's, so such weights can be ported).
 
 Convolution kernels use torchvision's initialisation, He-normal on fan-out
 (``VarianceScaling(2.0, "fan_out", "untruncated_normal")``); BatchNorm starts at gamma=1, beta=0.
-Grouped convolutions run through XLA on CPU (Keras does this itself), and every backbone works
-inside ``tf.function(jit_compile=True)``.
+Keras runs every grouped convolution through a small XLA-compiled function (TensorFlow's own
+grouped conv kernel is missing on CPU), and every backbone works inside
+``tf.function(jit_compile=True)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 
+import h5py
 import keras
 import numpy as np
 from keras import layers, ops
@@ -140,14 +144,16 @@ def _kernel_initializer():
 def _conv(x, filters, kernel_size, stride, name, spec, groups=1):
     """Conv2D with torch-style symmetric padding when a 3x3 (or 7x7) conv has stride 2.
 
-    Stride-1 convs use "same" padding, which equals torch's ``padding=k // 2`` for odd ``k``.
-    For stride 2, "same" would pad (0, 1) on even sizes; torch pads (k // 2, k // 2). The output
-    size is ``ceil(n / 2)`` either way, only the sampling grid differs.
+    1x1 convs need no padding ("valid", as in keras.applications). Stride-1 kxk convs use
+    "same", which equals torch's ``padding=k // 2`` for odd ``k``. For stride 2, "same" would
+    pad (0, 1) on even sizes where torch pads (k // 2, k // 2); the output size is
+    ``ceil(n / 2)`` either way, only the sampling grid differs.
     """
-    padding = "same"
-    if stride > 1 and kernel_size > 1:
+    padding = "valid"
+    if kernel_size > 1 and stride == 1:
+        padding = "same"
+    elif kernel_size > 1:
         x = layers.ZeroPadding2D(kernel_size // 2, name=name.replace("_conv", "_pad"))(x)
-        padding = "valid"
     return layers.Conv2D(
         filters,
         kernel_size,
@@ -250,7 +256,9 @@ def _resolve_spec(name, base_filters, blocks, groups, width_per_group):
             raise ValueError(
                 f"{name}: blocks must be 4 positive ints (blocks in conv2..conv5), got {blocks!r}"
             )
-        changes["blocks"] = tuple(_check_positive_int(b, "every entry of blocks", name) for b in blocks)
+        changes["blocks"] = tuple(
+            _check_positive_int(b, "every entry of blocks", name) for b in blocks
+        )
     for knob, value in (("groups", groups), ("width_per_group", width_per_group)):
         if value is None:
             continue
@@ -269,18 +277,6 @@ def _resolve_spec(name, base_filters, blocks, groups, width_per_group):
             "group in stage conv2; raise base_filters or width_per_group"
         )
     return spec
-
-
-def _resolve_levels(levels, name):
-    try:
-        levels = tuple(int(lv) for lv in levels)
-    except TypeError as err:
-        raise ValueError(f"{name}: levels must be a sequence of ints, got {levels!r}") from err
-    if not levels or any(lv not in (2, 3, 4, 5) for lv in levels) or len(set(levels)) != len(levels):
-        raise ValueError(
-            f"{name}: levels must be distinct values among 2, 3, 4, 5 (C2..C5), got {levels!r}"
-        )
-    return tuple(sorted(levels))
 
 
 def _resolve_input_shape(input_shape, name):
@@ -345,7 +341,6 @@ def build_backbone(
     blocks: Sequence[int] | None = None,
     groups: int | None = None,
     width_per_group: int | None = None,
-    levels: Sequence[int] = (3, 4, 5),
 ) -> keras.Model:
     """Build a ResNet / ResNeXt feature extractor.
 
@@ -361,11 +356,10 @@ def build_backbone(
             ``base_filters * (1, 2, 4, 8)`` planes.
         blocks: residual blocks per stage conv2..conv5, overriding the depth of ``name``.
         groups, width_per_group: ResNeXt only (defaults 32 and 4).
-        levels: which feature maps to return, ascending; default ``(3, 4, 5)``.
 
     Returns:
         A functional ``keras.Model`` named ``name`` mapping ``(B, H, W, C)`` float images to
-        ``[C3, C4, C5]`` (or the requested ``levels``), where ``C_l`` is
+        ``[C3, C4, C5]``, where ``C_l`` is
         ``(B, ceil(H / 2**l), ceil(W / 2**l), channels_l)`` and the output layers are named
         ``"C3"``, ``"C4"``, ``"C5"``. Channels are ``base_filters * 2**(l-2)`` (basic blocks) or
         4x that (bottlenecks): (128, 256, 512) for ResNet-18/34, (512, 1024, 2048) for the
@@ -377,7 +371,6 @@ def build_backbone(
         FileNotFoundError: the weights file does not exist.
     """
     spec = _resolve_spec(name, base_filters, blocks, groups, width_per_group)
-    levels = _resolve_levels(levels, name)
     input_shape = _resolve_input_shape(input_shape, name)
     kind = _check_weights_arg(name, weights, spec)
     if kind == "imagenet" and input_shape[-1] != 3:
@@ -386,36 +379,64 @@ def build_backbone(
     block_fn = _basic_block if spec.block == "basic" else _bottleneck_block
     images = keras.Input(shape=input_shape, name="images")
     x = _stem(images, spec)
-    features = {}
+    features = []
     for stage, (n_blocks, stride) in enumerate(zip(spec.blocks, _STAGE_STRIDES, strict=True)):
         level = stage + 2
         planes = spec.base_filters * 2**stage
         for i in range(n_blocks):
             x = block_fn(x, planes, stride if i == 0 else 1, f"conv{level}_block{i + 1}", spec)
-        if level in levels:
-            features[level] = layers.Identity(name=f"C{level}")(x)
-        if level == max(levels):
-            break  # stages above the last requested level would be dead weight
-    model = keras.Model(images, [features[lv] for lv in levels], name=name)
+        if level >= 3:
+            features.append(layers.Identity(name=f"C{level}")(x))
+    model = keras.Model(images, features, name=name)
 
     if kind == "imagenet":
         constructor = getattr(keras.applications, IMAGENET_WEIGHTS[name])
         source = constructor(include_top=False, weights="imagenet", input_shape=(None, None, 3))
-        copy_weights_by_name(source, model, strict=max(levels) == 5)
+        copy_weights_by_name(source, model)
     elif kind == "file":
         _load_weights_file(model, os.fspath(weights))
     return model
 
 
 def _load_weights_file(model, path):
-    """``model.load_weights`` with a check that every variable really changed shape-compatibly."""
+    """``model.load_weights`` with a clear error when the file belongs to another architecture.
+
+    Keras' ``.weights.h5`` stores variables by layer *position* (``layers/conv2d_7/vars/0``), not
+    by layer name, so a file only fits a model built with the same name and knobs. The variable
+    count is checked first (Keras would skip surplus entries with warnings only), then Keras
+    checks every shape.
+    """
+    saved = []
+
+    def collect(key, obj):  # must return None: h5py stops visiting at any other value
+        if isinstance(obj, h5py.Dataset):
+            saved.append(key)
+
     try:
-        model.load_weights(path)
-    except (ValueError, KeyError) as err:
+        with h5py.File(path, "r") as f:
+            f.visititems(collect)
+    except OSError as err:
+        raise ValueError(f"{model.name}: {path!r} is not a readable HDF5 file ({err})") from err
+    if len(saved) != len(model.weights):
         raise ValueError(
-            f"{model.name}: could not load {path!r} into this backbone; was it saved from a "
-            f"backbone built with the same name and knobs? ({err})"
-        ) from err
+            f"{model.name}: {path!r} holds {len(saved)} variables but this backbone has "
+            f"{len(model.weights)}; it was saved from a backbone with another name or knobs"
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(path)
+        except (ValueError, KeyError) as err:
+            raise ValueError(
+                f"{model.name}: could not load {path!r} into this backbone; was it saved from a "
+                f"backbone built with the same name and knobs? ({err})"
+            ) from err
+    # Keras only warns when it skips part of a file, leaving those layers at random init.
+    skipped = [str(w.message) for w in caught if "Skipping" in str(w.message)]
+    if skipped:
+        raise ValueError(f"{model.name}: {path!r} did not fit every layer: {skipped[0]}")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def copy_weights_by_name(source: keras.Model, target: keras.Model, *, strict: bool = True) -> int:
@@ -470,7 +491,7 @@ def copy_weights_by_name(source: keras.Model, target: keras.Model, *, strict: bo
 def output_strides(model: keras.Model) -> tuple[int, ...]:
     """Strides of a backbone's outputs, read from the output layer names ``"C{level}"``.
 
-    Returns ``2**level`` per output, e.g. ``(8, 16, 32)`` for the default ``[C3, C4, C5]``.
+    Returns ``2**level`` per output: ``(8, 16, 32)`` for ``[C3, C4, C5]``.
     Works on a model reloaded with ``keras.saving.load_model``.
     """
     strides = []
