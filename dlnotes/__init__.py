@@ -6,22 +6,39 @@ One module per idea, each used by every model of the book:
 * :mod:`dlnotes.anchors` — multi-level anchors, YOLO anchors, k-means anchors
 * :mod:`dlnotes.matching` — anchor assignment to ground truth, balanced sampling
 * :mod:`dlnotes.postprocess` — decoding and batched, per-class NMS
+* :mod:`dlnotes.losses` — focal, smooth-L1 / Huber and IoU losses, the cross-replica normaliser
+* :mod:`dlnotes.backbones` — ResNet / ResNeXt feature extractors (C3-C5)
+* :mod:`dlnotes.necks` — FPN variants (original, BN / post-activation, PANet, YOLO's concat FPN)
 * :mod:`dlnotes.data` — the synthetic shapes data set, COCO JSON to ``tf.data``, transforms
 * :mod:`dlnotes.evaluation` — COCO mAP with pycocotools, and AP spelled out
 * :mod:`dlnotes.viz` — matplotlib drawing of boxes, anchors, assignments, heatmaps, curves
 """
 
-from dlnotes import anchors, boxes, data, evaluation, matching, postprocess, viz
+from dlnotes import (
+    anchors,
+    backbones,
+    boxes,
+    data,
+    evaluation,
+    losses,
+    matching,
+    necks,
+    postprocess,
+    viz,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
     "anchors",
+    "backbones",
     "boxes",
     "data",
     "evaluation",
+    "losses",
     "matching",
+    "necks",
     "postprocess",
     "viz",
 ]
