@@ -1,0 +1,10 @@
+"""Detectors, each a Keras model that trains with ``fit`` on padded ``{"boxes", "labels"}`` targets
+and returns padded detections from ``predict``.
+
+* :class:`~dlnotes.models.retinanet.RetinaNet` — ResNet + FPN + focal loss (chapter 3).
+"""
+
+from dlnotes.models.retinanet import PRESETS as RETINANET_PRESETS
+from dlnotes.models.retinanet import RetinaNet, RetinaNetHead, prior_bias
+
+__all__ = ["RETINANET_PRESETS", "RetinaNet", "RetinaNetHead", "prior_bias"]

@@ -1,0 +1,432 @@
+"""RetinaNet (Lin et al. 2017): a backbone, an FPN, shared class / box subnets and the focal loss.
+
+The notes' design (seed ``000``), end to end:
+
+* backbone C3-C5 (:mod:`dlnotes.backbones`) -> FPN P3-P7 (:mod:`dlnotes.necks`);
+* two subnets shared across levels but separate from each other, each ``depth`` x (3x3 conv,
+  ``channels``, ReLU) then a 3x3 output conv; per level they give class logits ``[B, H, W, A, C]``
+  and box deltas ``[B, H, W, A, 4]`` (``tx, ty, tw, th``), flattened over levels (anchor order of
+  :class:`~dlnotes.anchors.AnchorGenerator`) to ``(B, N, C)`` / ``(B, N, 4)`` for the loss;
+* weights N(0, 0.01), the class output's bias ``-log((1 - pi) / pi)`` with ``pi = 0.01`` (the
+  prior probability: every anchor starts out predicting "background" with confidence 0.99);
+* targets built inside the training graph from padded ``{"boxes", "labels"}`` by
+  :func:`~dlnotes.matching.match_anchors` (positive >= 0.5, negative < 0.4, each GT's best anchor
+  forced), deltas by :class:`~dlnotes.boxes.BoxCoder` with std 0.2, one-hot class targets;
+* sigmoid focal loss (alpha 0.25, gamma 2) over positive and negative anchors plus smooth-L1 over
+  positives, both divided by ``max(1, positives in the global batch)``
+  (:func:`~dlnotes.losses.global_normalizer`, summed across replicas);
+* ``predict`` decodes and runs per-class NMS (score 0.05, IoU 0.5, up to 300 detections) through
+  :func:`~dlnotes.postprocess.decode_detections`, returning padded detections.
+
+Everything has static shapes (fixed ``image_size``, padded targets), so ``compile(jit_compile=True)``
+compiles the whole training step with XLA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from dlnotes.anchors import AnchorGenerator
+from dlnotes.backbones import build_backbone, preprocess_for
+from dlnotes.boxes import BoxCoder
+from dlnotes.losses import global_normalizer, sigmoid_focal_loss, smooth_l1
+from dlnotes.matching import POSITIVE, gather_matched, match_anchors
+from dlnotes.necks import build_neck
+from dlnotes.postprocess import decode_detections
+
+__all__ = ["PRESETS", "RetinaNet", "RetinaNetHead", "prior_bias"]
+
+
+def prior_bias(prior_probability):
+    """The class-output bias ``-log((1 - pi) / pi)``: sigmoid(bias) = ``pi`` at initialisation."""
+    if not 0.0 < prior_probability < 1.0:
+        raise ValueError(f"prior_probability must be in (0, 1), got {prior_probability!r}.")
+    return -math.log((1.0 - prior_probability) / prior_probability)
+
+
+@keras.saving.register_keras_serializable(package="dlnotes")
+class RetinaNetHead(keras.layers.Layer):
+    """One RetinaNet subnet, applied with the same weights to every pyramid level.
+
+    ``depth`` x (3x3 conv with ``channels`` filters + ReLU), then a 3x3 conv to
+    ``num_anchors * num_outputs`` channels, reshaped to ``(B, H, W, num_anchors, num_outputs)``.
+    Kernels N(0, 0.01), biases 0, except the output bias ``prior_bias(prior_probability)`` when
+    ``prior_probability`` is given (the classification subnet).
+
+    Call on a list of levels ``(B, H_l, W_l, F)``; returns the list of
+    ``(B, H_l, W_l, num_anchors, num_outputs)`` outputs.
+    """
+
+    def __init__(
+        self, num_anchors, num_outputs, channels=256, depth=4, prior_probability=None, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.num_anchors = int(num_anchors)
+        self.num_outputs = int(num_outputs)
+        self.channels = int(channels)
+        self.depth = int(depth)
+        self.prior_probability = prior_probability
+        init = keras.initializers.RandomNormal(mean=0.0, stddev=0.01)
+        self.convs = [
+            keras.layers.Conv2D(
+                self.channels, 3, padding="same", activation="relu", kernel_initializer=init,
+                name=f"conv{i + 1}",
+            )
+            for i in range(self.depth)
+        ]  # fmt: skip
+        bias = 0.0 if prior_probability is None else prior_bias(prior_probability)
+        self.output_conv = keras.layers.Conv2D(
+            self.num_anchors * self.num_outputs, 3, padding="same", kernel_initializer=init,
+            bias_initializer=keras.initializers.Constant(bias), name="output",
+        )  # fmt: skip
+
+    def build(self, input_shape):
+        channels = input_shape[0][-1]
+        for conv in self.convs:
+            conv.build((None, None, None, channels))
+            channels = self.channels
+        self.output_conv.build((None, None, None, channels))
+
+    def call(self, levels):
+        outputs = []
+        for x in levels:
+            for conv in self.convs:
+                x = conv(x)
+            x = self.output_conv(x)
+            height, width = x.shape[1], x.shape[2]
+            outputs.append(ops.reshape(x, (-1, height, width, self.num_anchors, self.num_outputs)))
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return [tuple(s[:3]) + (self.num_anchors, self.num_outputs) for s in input_shape]
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_anchors": self.num_anchors,
+            "num_outputs": self.num_outputs,
+            "channels": self.channels,
+            "depth": self.depth,
+            "prior_probability": self.prior_probability,
+        }
+
+
+#: Named configurations for :meth:`RetinaNet.from_preset`. The paper's model and small ones that
+#: train on a CPU; anchor sizes follow the input size (32-512 for ~512 px inputs, halved at 256).
+PRESETS = {
+    "retinanet_resnet50_fpn": dict(
+        backbone="resnet50", neck="fpn", num_channels=256, head_depth=4, image_size=(512, 512)
+    ),
+    "retinanet_resnet18_fpn": dict(
+        backbone="resnet18", neck="fpn", num_channels=256, head_depth=4, image_size=(512, 512)
+    ),
+    "retinanet_resnet18_fpn_bn_256": dict(
+        backbone="resnet18", neck="fpn_bn", num_channels=128, head_depth=2, image_size=(256, 256),
+        anchor_sizes=(16, 32, 64, 128, 256),
+    ),
+    "retinanet_tiny_256": dict(
+        backbone="resnet_tiny", neck="fpn_bn", num_channels=64, head_depth=2, image_size=(256, 256),
+        anchor_sizes=(16, 32, 64, 128, 256),
+    ),
+}  # fmt: skip
+
+
+@keras.saving.register_keras_serializable(package="dlnotes")
+class RetinaNet(keras.Model):
+    """RetinaNet detector: images ``(B, H, W, 3)`` RGB in [0, 255] -> class logits and box deltas.
+
+    ``call`` returns ``{"class_logits": (B, N, C), "box_deltas": (B, N, 4)}`` over the ``N``
+    anchors of ``image_size`` (:attr:`anchors`, xyxy pixels); ``predict`` returns padded detections
+    ``{"boxes": (B, D, 4) xyxy, "scores": (B, D), "labels": (B, D), "num_detections": (B,)}``.
+    ``fit`` / ``evaluate`` take ``(images, {"boxes": (B, M, 4) xyxy, "labels": (B, M)})`` padded
+    with -1; no ``loss`` argument to ``compile`` (the detection loss is built in).
+
+    Args:
+        num_classes: number of object classes (no background class: sigmoid per class).
+        image_size: static input ``(height, width)``; anchors are fixed for it.
+        backbone: a name of :data:`dlnotes.backbones.BACKBONES`; ``backbone_kwargs`` its knobs.
+        backbone_weights: None, ``"imagenet"`` (ResNet-50/101/152; downloads) or a weights file.
+            Only used at construction: a saved model restores its own weights.
+        neck: a name of :data:`dlnotes.necks.NECKS` with levels P3-P7; ``num_channels`` its width
+            and the subnets' width.
+        head_depth: 3x3 convs per subnet before the output conv (4 in the paper).
+        anchor_sizes, anchor_strides, anchor_ratios, anchor_scales: the
+            :class:`~dlnotes.anchors.AnchorGenerator` (keras-retinanet defaults).
+        prior_probability: pi of the class-output bias; None for a zero bias.
+        positive_threshold, negative_threshold, force_best: :func:`~dlnotes.matching.match_anchors`.
+        box_std: the box coder's std (0.2, the notes' COCO normalisation).
+        focal_alpha, focal_gamma, smooth_l1_beta, box_loss_weight: the loss.
+        score_threshold, iou_threshold, max_detections, pre_nms_top_k: post-processing.
+    """
+
+    def __init__(
+        self,
+        num_classes,
+        image_size=(512, 512),
+        backbone="resnet50",
+        backbone_kwargs=None,
+        backbone_weights=None,
+        neck="fpn",
+        num_channels=256,
+        head_depth=4,
+        anchor_sizes=(32, 64, 128, 256, 512),
+        anchor_strides=(8, 16, 32, 64, 128),
+        anchor_ratios=(0.5, 1.0, 2.0),
+        anchor_scales=(2**0, 2 ** (1 / 3), 2 ** (2 / 3)),
+        prior_probability=0.01,
+        positive_threshold=0.5,
+        negative_threshold=0.4,
+        force_best="global",
+        box_std=(0.2, 0.2, 0.2, 0.2),
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+        smooth_l1_beta=1.0 / 9.0,
+        box_loss_weight=1.0,
+        score_threshold=0.05,
+        iou_threshold=0.5,
+        max_detections=300,
+        pre_nms_top_k=1000,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+        self.num_classes = int(num_classes)
+        self.image_size = tuple(int(v) for v in image_size)
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise ValueError(f"image_size must be (height, width), got {image_size!r}.")
+        self.backbone_name = backbone
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.neck_name = neck
+        self.num_channels = int(num_channels)
+        self.head_depth = int(head_depth)
+        self.anchor_generator = AnchorGenerator(
+            anchor_sizes, anchor_strides, anchor_ratios, anchor_scales
+        )
+        self.prior_probability = prior_probability
+        self.positive_threshold = float(positive_threshold)
+        self.negative_threshold = float(negative_threshold)
+        self.force_best = force_best
+        self.box_coder = BoxCoder(std=box_std)
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = float(focal_gamma)
+        self.smooth_l1_beta = float(smooth_l1_beta)
+        self.box_loss_weight = float(box_loss_weight)
+        self.score_threshold = float(score_threshold)
+        self.iou_threshold = float(iou_threshold)
+        self.max_detections = int(max_detections)
+        self.pre_nms_top_k = None if pre_nms_top_k is None else int(pre_nms_top_k)
+
+        self.preprocessing = preprocess_for(backbone, backbone_weights)
+        self.backbone = build_backbone(
+            backbone, (*self.image_size, 3), weights=backbone_weights, **self.backbone_kwargs
+        )
+        self.neck = build_neck(neck, num_channels=self.num_channels)
+        strides = tuple(2**level for level in self.neck.levels)
+        if strides != tuple(self.anchor_generator.strides):
+            raise ValueError(
+                f"neck {neck!r} gives levels of strides {strides}, but the anchors have strides "
+                f"{tuple(self.anchor_generator.strides)}."
+            )
+        num_anchors = self.anchor_generator.num_anchors_per_location
+        self.class_head = RetinaNetHead(
+            num_anchors, self.num_classes, self.num_channels, self.head_depth,
+            prior_probability=prior_probability, name="class_subnet",
+        )  # fmt: skip
+        self.box_head = RetinaNetHead(
+            num_anchors, 4, self.num_channels, self.head_depth, name="box_subnet"
+        )
+        #: ``(N, 4)`` float32 xyxy anchors of ``image_size``, in the order of the outputs.
+        self.anchors = self.anchor_generator(self.image_size)
+        self.level_sizes = self.anchor_generator.level_sizes(self.image_size)
+        self.class_loss_tracker = keras.metrics.Mean(name="class_loss")
+        self.box_loss_tracker = keras.metrics.Mean(name="box_loss")
+        self.build((None, *self.image_size, 3))
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_preset(cls, preset, num_classes, **overrides):
+        """A model from :data:`PRESETS` (e.g. ``"retinanet_resnet50_fpn"``), ``overrides`` on top."""
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; expected one of {sorted(PRESETS)}.")
+        return cls(num_classes=num_classes, **{**PRESETS[preset], **overrides})
+
+    def build(self, input_shape):
+        images = keras.KerasTensor(tuple(input_shape))
+        features = self.backbone.compute_output_spec(images)
+        self.neck.build([f.shape for f in features])
+        levels = self.neck.compute_output_spec(features)
+        self.class_head.build([level.shape for level in levels])
+        self.box_head.build([level.shape for level in levels])
+        self.built = True
+
+    def get_config(self):
+        generator = self.anchor_generator
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "image_size": list(self.image_size),
+            "backbone": self.backbone_name,
+            "backbone_kwargs": self.backbone_kwargs,
+            "backbone_weights": None,  # a saved model restores its own weights
+            "neck": self.neck_name,
+            "num_channels": self.num_channels,
+            "head_depth": self.head_depth,
+            "anchor_sizes": list(generator.sizes),
+            "anchor_strides": list(generator.strides),
+            "anchor_ratios": list(generator.ratios),
+            "anchor_scales": list(generator.scales),
+            "prior_probability": self.prior_probability,
+            "positive_threshold": self.positive_threshold,
+            "negative_threshold": self.negative_threshold,
+            "force_best": self.force_best,
+            "box_std": list(self.box_coder.std),
+            "focal_alpha": self.focal_alpha,
+            "focal_gamma": self.focal_gamma,
+            "smooth_l1_beta": self.smooth_l1_beta,
+            "box_loss_weight": self.box_loss_weight,
+            "score_threshold": self.score_threshold,
+            "iou_threshold": self.iou_threshold,
+            "max_detections": self.max_detections,
+            "pre_nms_top_k": self.pre_nms_top_k,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    # ------------------------------------------------------------------ forward
+
+    def head_outputs(self, images, training=False):
+        """Per-level outputs in the notes' layout: lists of class logits ``(B, H, W, A, C)`` and
+        box deltas ``(B, H, W, A, 4)``, one entry per pyramid level P3..P7."""
+        x = self.preprocessing(images)
+        features = self.backbone(x, training=training)
+        levels = self.neck(features, training=training)
+        return self.class_head(levels), self.box_head(levels)
+
+    def call(self, images, training=False):
+        class_levels, box_levels = self.head_outputs(images, training=training)
+
+        def flatten(outputs, width):
+            return ops.concatenate(
+                [
+                    ops.reshape(o, (-1, o.shape[1] * o.shape[2] * o.shape[3], width))
+                    for o in outputs
+                ],
+                axis=1,
+            )
+
+        return {
+            "class_logits": flatten(class_levels, self.num_classes),
+            "box_deltas": flatten(box_levels, 4),
+        }
+
+    # ------------------------------------------------------------------ training
+
+    def compute_targets(self, boxes, labels):
+        """Anchor states and regression / class targets for padded GT, inside the graph.
+
+        Args:
+            boxes: ``(B, M, 4)`` xyxy GT boxes padded with -1; labels ``(B, M)``, padding -1.
+
+        Returns:
+            dict of ``states`` ``(B, N)`` int32 {-1, 0, 1}, ``class_targets`` ``(B, N, C)``
+            one-hot (zero rows for negatives and ignored anchors), ``box_targets`` ``(B, N, 4)``
+            normalised deltas (meaningful on positives only) and ``matched_iou`` ``(B, N)``.
+        """
+        boxes = tf.cast(boxes, tf.float32)
+        labels = tf.cast(labels, tf.int32)
+        self._check_labels(labels)
+        matches = match_anchors(
+            self.anchors, boxes, labels,
+            positive_threshold=self.positive_threshold,
+            negative_threshold=self.negative_threshold,
+            force_best=self.force_best,
+            level_sizes=self.level_sizes if self.force_best == "per_level" else None,
+        )  # fmt: skip
+        positive = tf.equal(matches.states, POSITIVE)
+        matched_labels = gather_matched(labels, matches.matched_gt)
+        class_targets = tf.one_hot(tf.where(positive, matched_labels, -1), self.num_classes)
+        box_targets = self.box_coder.encode(self.anchors, gather_matched(boxes, matches.matched_gt))
+        return {
+            "states": matches.states,
+            "class_targets": class_targets,
+            "box_targets": box_targets,
+            "matched_iou": matches.matched_iou,
+        }
+
+    def _check_labels(self, labels):
+        """A clear error for class labels outside ``[-1, num_classes)`` (eager and graph mode;
+        XLA drops assertions, so check a ``jit_compile`` pipeline's data once without it)."""
+        tf.debugging.assert_less(
+            labels, self.num_classes,
+            message=f"RetinaNet(num_classes={self.num_classes}): a target label is >= num_classes "
+            "(labels must be 0..num_classes-1, padding -1); check the data set's classes",
+        )  # fmt: skip
+        tf.debugging.assert_greater_equal(
+            labels, -1, message="RetinaNet: target labels must be >= -1 (-1 is padding)"
+        )
+
+    def detection_losses(self, y, y_pred):
+        """``(class_loss, box_loss)``: summed focal / smooth-L1 losses over the replica's batch,
+        divided by the number of positive anchors of the global batch (at least 1)."""
+        if not isinstance(y, dict) or "boxes" not in y or "labels" not in y:
+            raise ValueError(
+                'RetinaNet targets must be a dict {"boxes": (B, M, 4), "labels": (B, M)}, '
+                f"got {type(y).__name__}."
+            )
+        targets = self.compute_targets(y["boxes"], y["labels"])
+        states = targets["states"]
+        positive = tf.cast(tf.equal(states, POSITIVE), tf.float32)
+        counted = tf.cast(tf.not_equal(states, -1), tf.float32)  # positives and negatives
+        class_logits = tf.cast(y_pred["class_logits"], tf.float32)
+        box_deltas = tf.cast(y_pred["box_deltas"], tf.float32)
+        focal = sigmoid_focal_loss(
+            targets["class_targets"], class_logits, self.focal_alpha, self.focal_gamma
+        )
+        class_sum = tf.reduce_sum(tf.reduce_sum(focal, axis=-1) * counted)
+        box_sum = tf.reduce_sum(
+            tf.reduce_sum(smooth_l1(targets["box_targets"], box_deltas, self.smooth_l1_beta), -1)
+            * positive
+        )
+        normalizer = global_normalizer(tf.reduce_sum(positive))
+        return class_sum / normalizer, box_sum / normalizer
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        class_loss, box_loss = self.detection_losses(y, y_pred)
+        total = class_loss + self.box_loss_weight * box_loss
+        replicas = tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, tf.float32)
+        for loss in self.losses:  # regularisers, if a user adds some: Keras' per-replica scaling
+            total = total + tf.cast(loss, tf.float32) / replicas
+        # Each replica holds its share of the global sum; the trackers average over replicas, so
+        # scale up to report the global-batch value.
+        self.class_loss_tracker.update_state(class_loss * replicas)
+        self.box_loss_tracker.update_state(box_loss * replicas)
+        return total
+
+    # ------------------------------------------------------------------ inference
+
+    def decode(self, outputs):
+        """Head outputs (``call``'s dict) -> padded detections (decode, clip, per-class NMS)."""
+        return decode_detections(
+            self.anchors,
+            outputs["box_deltas"],
+            outputs["class_logits"],
+            self.box_coder,
+            image_shape=self.image_size,
+            activation="sigmoid",
+            score_threshold=self.score_threshold,
+            iou_threshold=self.iou_threshold,
+            max_detections=self.max_detections,
+            pre_nms_top_k=self.pre_nms_top_k,
+        )
+
+    def predict_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self.decode(self(x, training=False))
