@@ -9,6 +9,7 @@ One module per idea, each used by every model of the book:
 * :mod:`dlnotes.losses` — focal, smooth-L1 / Huber and IoU losses, the cross-replica normaliser
 * :mod:`dlnotes.backbones` — ResNet / ResNeXt feature extractors (C3-C5)
 * :mod:`dlnotes.necks` — FPN variants (original, BN / post-activation, PANet, YOLO's concat FPN)
+* :mod:`dlnotes.models` — the detectors (RetinaNet)
 * :mod:`dlnotes.data` — the synthetic shapes data set, COCO JSON to ``tf.data``, transforms
 * :mod:`dlnotes.evaluation` — COCO mAP with pycocotools, and AP spelled out
 * :mod:`dlnotes.viz` — matplotlib drawing of boxes, anchors, assignments, heatmaps, curves
@@ -22,6 +23,7 @@ from dlnotes import (
     evaluation,
     losses,
     matching,
+    models,
     necks,
     postprocess,
     viz,
@@ -38,6 +40,7 @@ __all__ = [
     "evaluation",
     "losses",
     "matching",
+    "models",
     "necks",
     "postprocess",
     "viz",
