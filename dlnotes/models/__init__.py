@@ -5,6 +5,6 @@ and returns padded detections from ``predict``.
 """
 
 from dlnotes.models.retinanet import PRESETS as RETINANET_PRESETS
-from dlnotes.models.retinanet import RetinaNet, RetinaNetHead, prior_bias
+from dlnotes.models.retinanet import RetinaNet, RetinaNetHead, flatten_levels, prior_bias
 
-__all__ = ["RETINANET_PRESETS", "RetinaNet", "RetinaNetHead", "prior_bias"]
+__all__ = ["RETINANET_PRESETS", "RetinaNet", "RetinaNetHead", "flatten_levels", "prior_bias"]

@@ -9,17 +9,29 @@ The notes' design (seed ``000``), end to end:
   :class:`~dlnotes.anchors.AnchorGenerator`) to ``(B, N, C)`` / ``(B, N, 4)`` for the loss;
 * weights N(0, 0.01), the class output's bias ``-log((1 - pi) / pi)`` with ``pi = 0.01`` (the
   prior probability: every anchor starts out predicting "background" with confidence 0.99);
-* targets built inside the training graph from padded ``{"boxes", "labels"}`` by
-  :func:`~dlnotes.matching.match_anchors` (positive >= 0.5, negative < 0.4, each GT's best anchor
-  forced), deltas by :class:`~dlnotes.boxes.BoxCoder` with std 0.2, one-hot class targets;
+* targets built inside the training graph from padded ``{"boxes", "labels"}``: GT boxes clipped
+  to the image, then :func:`~dlnotes.matching.match_anchors` (positive >= 0.5, negative < 0.4,
+  each GT's best anchor forced; padding and zero-size boxes are not GTs), deltas by
+  :class:`~dlnotes.boxes.BoxCoder` with std 0.2, one-hot class targets;
 * sigmoid focal loss (alpha 0.25, gamma 2) over positive and negative anchors plus smooth-L1 over
   positives, both divided by ``max(1, positives in the global batch)``
   (:func:`~dlnotes.losses.global_normalizer`, summed across replicas);
-* ``predict`` decodes and runs per-class NMS (score 0.05, IoU 0.5, up to 300 detections) through
-  :func:`~dlnotes.postprocess.decode_detections`, returning padded detections.
+* ``predict`` keeps the 1000 top-scoring anchors of every pyramid level (the paper's "at most 1k
+  top-scoring predictions per FPN level"), decodes them and runs per-class NMS (score 0.05,
+  IoU 0.5, up to 300 detections) through :func:`~dlnotes.postprocess.decode_detections`,
+  returning padded detections.
 
 Everything has static shapes (fixed ``image_size``, padded targets), so ``compile(jit_compile=True)``
-compiles the whole training step with XLA.
+compiles the whole training step with XLA. Two things behave differently under XLA, and the model
+handles both:
+
+* XLA drops assertions, so a label ``>= num_classes`` cannot stop a compiled step. Every step
+  also counts invalid labels in a hidden metric; under ``jit_compile`` ``fit`` / ``evaluate``
+  read it after each call of the step function and raise ``InvalidArgumentError`` (the offending
+  step has then already been applied). Without XLA the assertion stops the step before the
+  update.
+* ``CombinedNonMaxSuppression`` has no XLA kernel: under ``jit_compile`` ``predict`` compiles
+  only the network with XLA and runs decoding and NMS as ordinary TensorFlow ops.
 """
 
 from __future__ import annotations
@@ -32,13 +44,13 @@ from keras import ops
 
 from dlnotes.anchors import AnchorGenerator
 from dlnotes.backbones import build_backbone, preprocess_for
-from dlnotes.boxes import BoxCoder
+from dlnotes.boxes import BoxCoder, clip_boxes
 from dlnotes.losses import global_normalizer, sigmoid_focal_loss, smooth_l1
 from dlnotes.matching import POSITIVE, gather_matched, match_anchors
 from dlnotes.necks import build_neck
 from dlnotes.postprocess import decode_detections
 
-__all__ = ["PRESETS", "RetinaNet", "RetinaNetHead", "prior_bias"]
+__all__ = ["PRESETS", "RetinaNet", "RetinaNetHead", "flatten_levels", "prior_bias"]
 
 
 def prior_bias(prior_probability):
@@ -48,14 +60,34 @@ def prior_bias(prior_probability):
     return -math.log((1.0 - prior_probability) / prior_probability)
 
 
+def flatten_levels(level_outputs):
+    """Per-level head outputs ``[(B, H_l, W_l, A, K), ...]`` -> ``(B, N, K)``, ``N = sum H_l W_l A``.
+
+    Each level is flattened row-major over ``(H_l, W_l, A)`` and the levels are concatenated from
+    the finest (P3) to the coarsest: exactly the anchor order of
+    :class:`~dlnotes.anchors.AnchorGenerator` (cell ``(i, j)`` row-major, anchor index fastest).
+    Spatial sizes must be static.
+    """
+    flat = []
+    for o in level_outputs:
+        height, width, anchors, k = o.shape[1:]
+        flat.append(ops.reshape(o, (-1, height * width * anchors, k)))
+    return ops.concatenate(flat, axis=1)
+
+
 @keras.saving.register_keras_serializable(package="dlnotes")
 class RetinaNetHead(keras.layers.Layer):
     """One RetinaNet subnet, applied with the same weights to every pyramid level.
 
     ``depth`` x (3x3 conv with ``channels`` filters + ReLU), then a 3x3 conv to
-    ``num_anchors * num_outputs`` channels, reshaped to ``(B, H, W, num_anchors, num_outputs)``.
-    Kernels N(0, 0.01), biases 0, except the output bias ``prior_bias(prior_probability)`` when
-    ``prior_probability`` is given (the classification subnet).
+    ``num_anchors * num_outputs`` channels, reshaped to ``(B, H, W, num_anchors, num_outputs)``
+    (output channel ``a * num_outputs + k`` is anchor ``a``, output ``k``). Kernels N(0, 0.01),
+    biases 0, except the output bias ``prior_bias(prior_probability)`` when ``prior_probability``
+    is given (the classification subnet). No normalisation layers (the paper's heads; GroupNorm
+    heads are torchvision's later "v2").
+
+    Parameters: ``depth * (9 * c_in * channels + channels)`` (with ``c_in = channels`` after the
+    first conv) plus ``9 * channels * A * K + A * K`` for the output conv.
 
     Call on a list of levels ``(B, H_l, W_l, F)``; returns the list of
     ``(B, H_l, W_l, num_anchors, num_outputs)`` outputs.
@@ -134,6 +166,10 @@ PRESETS = {
     ),
 }  # fmt: skip
 
+# compile() arguments that do not apply: the detection loss is built in, and Keras metrics would
+# receive the raw targets and head outputs (use dlnotes.evaluation for mAP).
+_UNSUPPORTED_COMPILE_ARGS = ("loss", "loss_weights", "metrics", "weighted_metrics")
+
 
 @keras.saving.register_keras_serializable(package="dlnotes")
 class RetinaNet(keras.Model):
@@ -143,7 +179,10 @@ class RetinaNet(keras.Model):
     anchors of ``image_size`` (:attr:`anchors`, xyxy pixels); ``predict`` returns padded detections
     ``{"boxes": (B, D, 4) xyxy, "scores": (B, D), "labels": (B, D), "num_detections": (B,)}``.
     ``fit`` / ``evaluate`` take ``(images, {"boxes": (B, M, 4) xyxy, "labels": (B, M)})`` padded
-    with -1; no ``loss`` argument to ``compile`` (the detection loss is built in).
+    with -1 and report ``loss``, ``class_loss`` and ``box_loss`` (global-batch values, so
+    ``loss = class_loss + box_loss_weight * box_loss`` plus any regularisation); ``compile``
+    takes no ``loss`` or ``metrics`` (the detection loss is built in; mAP comes from
+    :mod:`dlnotes.evaluation`). ``sample_weight`` / ``class_weight`` are not supported.
 
     Args:
         num_classes: number of object classes (no background class: sigmoid per class).
@@ -151,8 +190,9 @@ class RetinaNet(keras.Model):
         backbone: a name of :data:`dlnotes.backbones.BACKBONES`; ``backbone_kwargs`` its knobs.
         backbone_weights: None, ``"imagenet"`` (ResNet-50/101/152; downloads) or a weights file.
             Only used at construction: a saved model restores its own weights.
-        neck: a name of :data:`dlnotes.necks.NECKS` with levels P3-P7; ``num_channels`` its width
-            and the subnets' width.
+        neck: a name of :data:`dlnotes.necks.NECKS` with levels P3-P7, or ``neck_kwargs`` for its
+            options (e.g. ``{"extra_from": "p5"}``); ``num_channels`` is its width and the
+            subnets' width.
         head_depth: 3x3 convs per subnet before the output conv (4 in the paper).
         anchor_sizes, anchor_strides, anchor_ratios, anchor_scales: the
             :class:`~dlnotes.anchors.AnchorGenerator` (keras-retinanet defaults).
@@ -160,7 +200,10 @@ class RetinaNet(keras.Model):
         positive_threshold, negative_threshold, force_best: :func:`~dlnotes.matching.match_anchors`.
         box_std: the box coder's std (0.2, the notes' COCO normalisation).
         focal_alpha, focal_gamma, smooth_l1_beta, box_loss_weight: the loss.
-        score_threshold, iou_threshold, max_detections, pre_nms_top_k: post-processing.
+        score_threshold, iou_threshold, max_detections: post-processing (per-class NMS).
+        pre_nms_top_k: anchors kept per pyramid level, by their best class score, before NMS
+            (the paper's 1000); None keeps all.
+        neck_kwargs: extra keyword arguments of the neck constructor.
     """
 
     def __init__(
@@ -190,10 +233,11 @@ class RetinaNet(keras.Model):
         iou_threshold=0.5,
         max_detections=300,
         pre_nms_top_k=1000,
+        neck_kwargs=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if int(num_classes) != num_classes or num_classes < 1:
+        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
         self.num_classes = int(num_classes)
         self.image_size = tuple(int(v) for v in image_size)
@@ -202,6 +246,7 @@ class RetinaNet(keras.Model):
         self.backbone_name = backbone
         self.backbone_kwargs = dict(backbone_kwargs or {})
         self.neck_name = neck
+        self.neck_kwargs = dict(neck_kwargs or {})
         self.num_channels = int(num_channels)
         self.head_depth = int(head_depth)
         self.anchor_generator = AnchorGenerator(
@@ -219,13 +264,17 @@ class RetinaNet(keras.Model):
         self.score_threshold = float(score_threshold)
         self.iou_threshold = float(iou_threshold)
         self.max_detections = int(max_detections)
+        if pre_nms_top_k is not None and int(pre_nms_top_k) < 1:
+            raise ValueError(
+                f"pre_nms_top_k must be a positive integer or None, got {pre_nms_top_k!r}."
+            )
         self.pre_nms_top_k = None if pre_nms_top_k is None else int(pre_nms_top_k)
 
         self.preprocessing = preprocess_for(backbone, backbone_weights)
         self.backbone = build_backbone(
             backbone, (*self.image_size, 3), weights=backbone_weights, **self.backbone_kwargs
         )
-        self.neck = build_neck(neck, num_channels=self.num_channels)
+        self.neck = build_neck(neck, num_channels=self.num_channels, **self.neck_kwargs)
         strides = tuple(2**level for level in self.neck.levels)
         if strides != tuple(self.anchor_generator.strides):
             raise ValueError(
@@ -242,9 +291,14 @@ class RetinaNet(keras.Model):
         )
         #: ``(N, 4)`` float32 xyxy anchors of ``image_size``, in the order of the outputs.
         self.anchors = self.anchor_generator(self.image_size)
+        #: Anchors per pyramid level (P3 first), Python ints summing to ``N``.
         self.level_sizes = self.anchor_generator.level_sizes(self.image_size)
         self.class_loss_tracker = keras.metrics.Mean(name="class_loss")
         self.box_loss_tracker = keras.metrics.Mean(name="box_loss")
+        # Counts labels outside [-1, num_classes) seen by compute_loss; read after each step
+        # under jit_compile (see make_train_function) and left out of the reported logs.
+        self.invalid_label_counter = keras.metrics.Sum(name="invalid_labels")
+        self._xla_network = None  # the XLA-compiled forward pass of predict (make_predict_function)
         self.build((None, *self.image_size, 3))
 
     # ------------------------------------------------------------------ construction
@@ -269,6 +323,7 @@ class RetinaNet(keras.Model):
         generator = self.anchor_generator
         return {
             "name": self.name,
+            "trainable": self.trainable,
             "num_classes": self.num_classes,
             "image_size": list(self.image_size),
             "backbone": self.backbone_name,
@@ -294,17 +349,48 @@ class RetinaNet(keras.Model):
             "iou_threshold": self.iou_threshold,
             "max_detections": self.max_detections,
             "pre_nms_top_k": self.pre_nms_top_k,
+            "neck_kwargs": self.neck_kwargs,
         }
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
 
+    def compile(self, optimizer="rmsprop", **kwargs):
+        """``keras.Model.compile`` without ``loss`` / ``metrics`` (the detection loss is built in).
+
+        Raises:
+            ValueError: a ``loss``, ``loss_weights``, ``metrics`` or ``weighted_metrics`` other
+                than None.
+        """
+        given = [name for name in _UNSUPPORTED_COMPILE_ARGS if kwargs.get(name) is not None]
+        if given:
+            raise ValueError(
+                f"RetinaNet.compile() got {given}: the focal + smooth-L1 loss is built into the "
+                "model (compute_loss) and Keras metrics would only see raw targets and head "
+                "outputs; evaluate detections with dlnotes.evaluation (COCO mAP) instead."
+            )
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def compile_from_config(self, config):
+        # Keras skips models that override compile() when loading; this one only rejects
+        # loss / metrics (saved as None), so the saved compile arguments apply unchanged.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)  # so that its saved state can load
+
     # ------------------------------------------------------------------ forward
 
     def head_outputs(self, images, training=False):
         """Per-level outputs in the notes' layout: lists of class logits ``(B, H, W, A, C)`` and
         box deltas ``(B, H, W, A, 4)``, one entry per pyramid level P3..P7."""
+        size = tuple(images.shape[1:3])
+        if None not in size and size != self.image_size:
+            raise ValueError(
+                f"RetinaNet was built for image_size={self.image_size} (its anchors are fixed); "
+                f"got images of shape {tuple(images.shape)}. Resize the images or build a model "
+                "with another image_size."
+            )
         x = self.preprocessing(images)
         features = self.backbone(x, training=training)
         levels = self.neck(features, training=training)
@@ -312,25 +398,38 @@ class RetinaNet(keras.Model):
 
     def call(self, images, training=False):
         class_levels, box_levels = self.head_outputs(images, training=training)
-
-        def flatten(outputs, width):
-            return ops.concatenate(
-                [
-                    ops.reshape(o, (-1, o.shape[1] * o.shape[2] * o.shape[3], width))
-                    for o in outputs
-                ],
-                axis=1,
-            )
-
         return {
-            "class_logits": flatten(class_levels, self.num_classes),
-            "box_deltas": flatten(box_levels, 4),
+            "class_logits": flatten_levels(class_levels),
+            "box_deltas": flatten_levels(box_levels),
         }
 
     # ------------------------------------------------------------------ training
 
+    def _label_assertions(self, labels):
+        """Graph assertions for labels outside ``[-1, num_classes)`` (dropped by XLA)."""
+        return [
+            tf.debugging.assert_less(
+                labels, self.num_classes,
+                message=f"RetinaNet(num_classes={self.num_classes}): a target label is >= "
+                f"num_classes (labels must be 0..{self.num_classes - 1}, padding -1); check the "
+                "data set's classes or the model's num_classes",
+            ),
+            tf.debugging.assert_greater_equal(
+                labels, -1,
+                message=f"RetinaNet(num_classes={self.num_classes}): a target label is < -1 "
+                f"(labels must be 0..{self.num_classes - 1}, padding -1)",
+            ),
+        ]  # fmt: skip
+
     def compute_targets(self, boxes, labels):
         """Anchor states and regression / class targets for padded GT, inside the graph.
+
+        GT boxes are clipped to the image first: a box partly outside is matched on its visible
+        part, a box fully outside (or of zero size, or with label -1) is no GT at all. Labels
+        outside ``[-1, num_classes)`` raise ``InvalidArgumentError`` through graph assertions
+        that the targets depend on; XLA drops assertions, so inside your own
+        ``tf.function(jit_compile=True)`` validate the labels beforehand (``fit`` and
+        ``evaluate`` do it for you, see the module docstring).
 
         Args:
             boxes: ``(B, M, 4)`` xyxy GT boxes padded with -1; labels ``(B, M)``, padding -1.
@@ -338,11 +437,12 @@ class RetinaNet(keras.Model):
         Returns:
             dict of ``states`` ``(B, N)`` int32 {-1, 0, 1}, ``class_targets`` ``(B, N, C)``
             one-hot (zero rows for negatives and ignored anchors), ``box_targets`` ``(B, N, 4)``
-            normalised deltas (meaningful on positives only) and ``matched_iou`` ``(B, N)``.
+            normalised deltas (zero except on positives) and ``matched_iou`` ``(B, N)``.
         """
-        boxes = tf.cast(boxes, tf.float32)
+        boxes = clip_boxes(tf.cast(boxes, tf.float32), self.image_size)
         labels = tf.cast(labels, tf.int32)
-        self._check_labels(labels)
+        with tf.control_dependencies(self._label_assertions(labels)):
+            labels = tf.identity(labels)
         matches = match_anchors(
             self.anchors, boxes, labels,
             positive_threshold=self.positive_threshold,
@@ -357,29 +457,27 @@ class RetinaNet(keras.Model):
         return {
             "states": matches.states,
             "class_targets": class_targets,
-            "box_targets": box_targets,
+            "box_targets": tf.where(positive[..., None], box_targets, 0.0),
             "matched_iou": matches.matched_iou,
         }
 
-    def _check_labels(self, labels):
-        """A clear error for class labels outside ``[-1, num_classes)`` (eager and graph mode;
-        XLA drops assertions, so check a ``jit_compile`` pipeline's data once without it)."""
-        tf.debugging.assert_less(
-            labels, self.num_classes,
-            message=f"RetinaNet(num_classes={self.num_classes}): a target label is >= num_classes "
-            "(labels must be 0..num_classes-1, padding -1); check the data set's classes",
-        )  # fmt: skip
-        tf.debugging.assert_greater_equal(
-            labels, -1, message="RetinaNet: target labels must be >= -1 (-1 is padding)"
-        )
-
     def detection_losses(self, y, y_pred):
         """``(class_loss, box_loss)``: summed focal / smooth-L1 losses over the replica's batch,
-        divided by the number of positive anchors of the global batch (at least 1)."""
+        divided by the number of positive anchors of the global batch (at least 1).
+
+        ``y`` is ``{"boxes": (B, M, 4), "labels": (B, M)}``, ``y_pred`` the dict of ``call``.
+        Under ``tf.distribute`` each replica returns its share: the sum over replicas is the
+        global-batch loss.
+        """
         if not isinstance(y, dict) or "boxes" not in y or "labels" not in y:
             raise ValueError(
                 'RetinaNet targets must be a dict {"boxes": (B, M, 4), "labels": (B, M)}, '
                 f"got {type(y).__name__}."
+            )
+        if not isinstance(y_pred, dict) or not {"class_logits", "box_deltas"} <= set(y_pred):
+            raise ValueError(
+                'RetinaNet predictions must be the dict of call(): {"class_logits", '
+                f'"box_deltas"}}, got {type(y_pred).__name__}.'
             )
         targets = self.compute_targets(y["boxes"], y["labels"])
         states = targets["states"]
@@ -399,34 +497,156 @@ class RetinaNet(keras.Model):
         return class_sum / normalizer, box_sum / normalizer
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """``class_loss + box_loss_weight * box_loss`` (+ regularisation), this replica's share.
+
+        Keras sums gradients over replicas (all-reduce SUM), and every term here is already a
+        share of the global-batch loss (divided by the global positive count), so it is returned
+        unscaled; only ``self.losses`` get Keras' usual ``1 / num_replicas``.
+        """
+        if sample_weight is not None:
+            raise ValueError(
+                "RetinaNet does not support sample_weight / class_weight: the focal loss already "
+                "weights anchors (alpha, gamma) and is normalised by the number of positives."
+            )
         class_loss, box_loss = self.detection_losses(y, y_pred)
         total = class_loss + self.box_loss_weight * box_loss
         replicas = tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, tf.float32)
         for loss in self.losses:  # regularisers, if a user adds some: Keras' per-replica scaling
             total = total + tf.cast(loss, tf.float32) / replicas
-        # Each replica holds its share of the global sum; the trackers average over replicas, so
-        # scale up to report the global-batch value.
-        self.class_loss_tracker.update_state(class_loss * replicas)
-        self.box_loss_tracker.update_state(box_loss * replicas)
+        # The trackers see what Keras' loss tracker sees: the global-batch value (share times
+        # replicas), weighted by the batch size, so that loss = class_loss + box_loss in the logs.
+        batch = tf.shape(y_pred["class_logits"])[0]
+        self.class_loss_tracker.update_state(class_loss * replicas, sample_weight=batch)
+        self.box_loss_tracker.update_state(box_loss * replicas, sample_weight=batch)
+        labels = tf.cast(y["labels"], tf.int32)
+        invalid = tf.logical_or(labels >= self.num_classes, labels < -1)
+        self.invalid_label_counter.update_state(tf.reduce_sum(tf.cast(invalid, tf.float32)))
         return total
+
+    def get_metrics_result(self):
+        # The invalid-label counter is a safety check, not a training metric.
+        logs = super().get_metrics_result()
+        logs.pop(self.invalid_label_counter.name, None)
+        return logs
+
+    def _checked_step(self, step, data):
+        """Runs Keras' ``step`` after the label assertions: every op of the step (forward pass,
+        BN statistics, optimizer update and its iteration counter) waits for them, so a bad
+        label changes nothing (graph mode; eager raises at once; XLA drops them)."""
+        _, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        checks = []
+        if isinstance(y, dict) and "labels" in y:
+            checks = self._label_assertions(tf.cast(y["labels"], tf.int32))
+        with tf.control_dependencies(checks):
+            return step(data)
+
+    def train_step(self, data):
+        return self._checked_step(super().train_step, data)
+
+    def test_step(self, data):
+        return self._checked_step(super().test_step, data)
+
+    def _raise_on_invalid_labels(self, step_function):
+        """Wraps an XLA-compiled train / test function: raise once it has seen a bad label."""
+
+        def function(iterator):
+            logs = step_function(iterator)
+            count = int(self.invalid_label_counter.result())
+            if count:
+                self.invalid_label_counter.reset_state()
+                raise tf.errors.InvalidArgumentError(
+                    None,
+                    None,
+                    f"RetinaNet(num_classes={self.num_classes}): {count} target label(s) outside "
+                    f"[-1, {self.num_classes}) (labels must be 0..{self.num_classes - 1}, "
+                    "padding -1); check the data set's classes or the model's num_classes. The "
+                    "step ran under jit_compile=True, where XLA drops assertions, so this is "
+                    "raised after the step (its update is already applied).",
+                )
+            return logs
+
+        return function
+
+    def make_train_function(self, force=False):
+        """Keras' train function; under ``jit_compile`` it raises on invalid labels after the
+        step (XLA cannot run the assertions of :meth:`compute_targets`), at the cost of reading
+        one scalar back from the device per call."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=force)
+        if self.jit_compile:
+            self.train_function = self._raise_on_invalid_labels(self.train_function)
+        return self.train_function
+
+    def make_test_function(self, force=False):
+        """Keras' test function, with the invalid-label check of :meth:`make_train_function`."""
+        if self.test_function is not None and not force:
+            return self.test_function
+        super().make_test_function(force=force)
+        if self.jit_compile:
+            self.test_function = self._raise_on_invalid_labels(self.test_function)
+        return self.test_function
 
     # ------------------------------------------------------------------ inference
 
     def decode(self, outputs):
-        """Head outputs (``call``'s dict) -> padded detections (decode, clip, per-class NMS)."""
+        """Head outputs (``call``'s dict) -> padded detections.
+
+        Keeps the ``pre_nms_top_k`` anchors of every pyramid level with the highest best-class
+        logit (the paper's per-level 1k), decodes their deltas, clips to the image and runs
+        per-class NMS. Returns ``{"boxes": (B, D, 4) xyxy, "scores": (B, D), "labels": (B, D),
+        "num_detections": (B,)}``, ``D = max_detections``, padded with -1.
+        """
+        class_logits = tf.cast(outputs["class_logits"], tf.float32)
+        box_deltas = tf.cast(outputs["box_deltas"], tf.float32)
+        anchors = self.anchors
+        if self.pre_nms_top_k is not None and self.pre_nms_top_k < max(self.level_sizes):
+            best = tf.reduce_max(class_logits, axis=-1)  # sigmoid is monotonic: rank by logits
+            batch = tf.shape(best)[0]
+            keep, start = [], 0
+            for size in self.level_sizes:  # a static loop over the pyramid levels
+                if size > self.pre_nms_top_k:
+                    _, top = tf.math.top_k(best[:, start : start + size], k=self.pre_nms_top_k)
+                    keep.append(top + start)
+                else:
+                    keep.append(tf.broadcast_to(tf.range(start, start + size)[None], [batch, size]))
+                start += size
+            keep = tf.concat(keep, axis=1)  # (B, K)
+            class_logits = tf.gather(class_logits, keep, axis=1, batch_dims=1)
+            box_deltas = tf.gather(box_deltas, keep, axis=1, batch_dims=1)
+            anchors = tf.gather(self.anchors, keep)  # (B, K, 4): per-image anchors
         return decode_detections(
-            self.anchors,
-            outputs["box_deltas"],
-            outputs["class_logits"],
+            anchors,
+            box_deltas,
+            class_logits,
             self.box_coder,
             image_shape=self.image_size,
             activation="sigmoid",
             score_threshold=self.score_threshold,
             iou_threshold=self.iou_threshold,
             max_detections=self.max_detections,
-            pre_nms_top_k=self.pre_nms_top_k,
         )
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        return self.decode(self(x, training=False))
+        network = self._xla_network or (lambda images: self(images, training=False))
+        return self.decode(network(x))
+
+    def make_predict_function(self, force=False):
+        """Keras' predict function. ``CombinedNonMaxSuppression`` has no XLA kernel, so under
+        ``jit_compile`` only the network is XLA-compiled (a nested ``tf.function``) and decoding
+        / NMS run as TensorFlow graph ops."""
+        if self.predict_function is not None and not force:
+            return self.predict_function
+        jit_compile = self.jit_compile
+        self._xla_network = None
+        if jit_compile:
+            self._xla_network = tf.function(
+                lambda images: self(images, training=False), jit_compile=True
+            )
+        self.jit_compile = False  # Keras would XLA-compile the whole predict_step
+        try:
+            super().make_predict_function(force=force)
+        finally:
+            self.jit_compile = jit_compile
+        return self.predict_function
