@@ -49,7 +49,7 @@ def _log_add_exp(a, b):
     return big + tf.math.log1p(tf.exp(-tf.abs(a - b)))
 
 
-def sigmoid_focal_loss(labels, logits, alpha=0.25, gamma=2.0):
+def sigmoid_focal_loss(labels, logits, alpha=0.25, gamma=2.0, hard_labels=False):
     """Focal loss (Lin et al. 2017) of independent sigmoid classifiers, elementwise.
 
     With ``p = sigmoid(z)`` and, for a hard label ``y`` in {0, 1}, ``p_t = p`` if ``y = 1``
@@ -73,6 +73,12 @@ def sigmoid_focal_loss(labels, logits, alpha=0.25, gamma=2.0):
     with ``log(1 - p_t) = logaddexp(log y + log_sigmoid(-z), log(1 - y) + log_sigmoid(z))``;
     labels of exactly 0 or 1 take the hard-label expressions above, so no ``log(0)`` appears.
 
+    **Hard labels only** (``hard_labels=True``, what detectors with one-hot targets use) allow a
+    form with two ``softplus`` and one ``exp`` per element and no branches:
+    ``log(1 - p_t) = -softplus(z_t)`` and ``CE = softplus(-z_t)``, so
+    ``FL = alpha_t * exp(-gamma * softplus(z_t)) * softplus(-z_t)``. Loss and gradient together
+    are about 2.5 times faster than the general form (``benchmarks/retinanet_keras_hub.py``).
+
     Args:
         labels: ``(...)`` targets in [0, 1] (one-hot for hard labels; a background anchor has
             all-zero labels).
@@ -80,6 +86,9 @@ def sigmoid_focal_loss(labels, logits, alpha=0.25, gamma=2.0):
         alpha: weight of the positives in [0, 1], or ``None`` for no class weighting.
         gamma: focusing parameter ``>= 0``; ``gamma = 0, alpha = None`` is the plain sigmoid
             cross entropy.
+        hard_labels: promise that every label is exactly 0 or 1 and take the fast form (a
+            label in between would be treated as 1 if ``> 0.5``; it is not checked, to keep the
+            training step free of assertions).
 
     Returns:
         ``(...)`` elementwise loss, the dtype of ``logits`` (float32 for non-float logits).
@@ -92,6 +101,19 @@ def sigmoid_focal_loss(labels, logits, alpha=0.25, gamma=2.0):
     if float(gamma) < 0.0:
         raise ValueError(f"sigmoid_focal_loss: `gamma` must be >= 0, got {gamma!r}.")
     labels, logits = _float_pair(labels, logits, ("labels", "logits"))
+    if hard_labels:
+        positive = labels > 0.5
+        z_t = tf.where(positive, logits, -logits)
+        # CE = -log(p_t) = softplus(-z_t); softplus(z_t) - z_t would be equal but loses all
+        # precision for large z_t.
+        loss = tf.math.softplus(-z_t)
+        if float(gamma) != 0.0:
+            log_one_minus_pt = -tf.math.softplus(z_t)
+            loss = tf.exp(tf.constant(float(gamma), logits.dtype) * log_one_minus_pt) * loss
+        if alpha is not None:
+            a = float(alpha)
+            loss = tf.where(positive, tf.constant(a, logits.dtype), 1.0 - a) * loss
+        return loss
     ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
     loss = ce
     if float(gamma) != 0.0:

@@ -172,6 +172,33 @@ def test_focal_gradient_matches_finite_differences(alpha, gamma):
         np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("alpha,gamma", PARAMS)
+def test_focal_hard_label_form_equals_general_form(alpha, gamma):
+    rng = np.random.default_rng(2)
+    y = (rng.uniform(size=(3, 40, 5)) < 0.3).astype(np.float32)
+    z = np.float32(rng.normal(0.0, 6.0, size=y.shape))
+    fast = L.sigmoid_focal_loss(y, z, alpha=alpha, gamma=gamma, hard_labels=True)
+    np.testing.assert_allclose(fast, np_focal(y, z, alpha, gamma), rtol=1e-5, atol=1e-30)
+    # Extreme logits: finite, equal to the float64 log-space reference, same gradients.
+    y_ext = np.repeat([0.0, 1.0], len(EXTREME)).astype(np.float32)
+    z_ext = tf.constant(np.tile(EXTREME, 2), tf.float32)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(z_ext)
+        fast = L.sigmoid_focal_loss(y_ext, z_ext, alpha=alpha, gamma=gamma, hard_labels=True)
+        general = L.sigmoid_focal_loss(y_ext, z_ext, alpha=alpha, gamma=gamma)
+    ref = np_focal_logspace(y_ext, z_ext, alpha, gamma)
+    np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-30)
+    g_fast, g_general = tape.gradient(fast, z_ext), tape.gradient(general, z_ext)
+    assert np.isfinite(g_fast).all()
+    np.testing.assert_allclose(g_fast, g_general, rtol=1e-5, atol=1e-30)
+    z64 = np.linspace(-30.0, 30.0, 61)
+    for label in (0.0, 1.0):
+        y64 = np.full_like(z64, label)
+        got = L.sigmoid_focal_loss(y64, z64, alpha=alpha, gamma=gamma, hard_labels=True)
+        assert got.dtype == tf.float64
+        np.testing.assert_allclose(got, np_focal(y64, z64, alpha, gamma), rtol=1e-12)
+
+
 def test_focal_jit_compile_and_errors():
     rng = np.random.default_rng(1)
     y = (rng.uniform(size=(2, 30, 4)) < 0.3).astype(np.float32)

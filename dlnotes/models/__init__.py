@@ -1,10 +1,20 @@
 """Detectors, each a Keras model that trains with ``fit`` on padded ``{"boxes", "labels"}`` targets
 and returns padded detections from ``predict``.
 
+* :class:`~dlnotes.models.detector.Detector` — the Keras contract they share (compile / fit /
+  evaluate / predict, label checks, XLA);
 * :class:`~dlnotes.models.retinanet.RetinaNet` — ResNet + FPN + focal loss (chapter 3).
 """
 
+from dlnotes.models.detector import Detector
 from dlnotes.models.retinanet import PRESETS as RETINANET_PRESETS
 from dlnotes.models.retinanet import RetinaNet, RetinaNetHead, flatten_levels, prior_bias
 
-__all__ = ["RETINANET_PRESETS", "RetinaNet", "RetinaNetHead", "flatten_levels", "prior_bias"]
+__all__ = [
+    "Detector",
+    "RETINANET_PRESETS",
+    "RetinaNet",
+    "RetinaNetHead",
+    "flatten_levels",
+    "prior_bias",
+]

@@ -22,16 +22,9 @@ The notes' design (seed ``000``), end to end:
   returning padded detections.
 
 Everything has static shapes (fixed ``image_size``, padded targets), so ``compile(jit_compile=True)``
-compiles the whole training step with XLA. Two things behave differently under XLA, and the model
-handles both:
-
-* XLA drops assertions, so a label ``>= num_classes`` cannot stop a compiled step. Every step
-  also counts invalid labels in a hidden metric; under ``jit_compile`` ``fit`` / ``evaluate``
-  read it after each call of the step function and raise ``InvalidArgumentError`` (the offending
-  step has then already been applied). Without XLA the assertion stops the step before the
-  update.
-* ``CombinedNonMaxSuppression`` has no XLA kernel: under ``jit_compile`` ``predict`` compiles
-  only the network with XLA and runs decoding and NMS as ordinary TensorFlow ops.
+compiles the whole training step with XLA. The Keras contract (no ``loss`` in ``compile``, label
+checks that also work under XLA, global-batch loss logs, ``predict`` with NMS outside XLA) is
+:class:`~dlnotes.models.detector.Detector`'s, shared by every detector of the book.
 """
 
 from __future__ import annotations
@@ -47,6 +40,7 @@ from dlnotes.backbones import build_backbone, preprocess_for
 from dlnotes.boxes import BoxCoder, clip_boxes
 from dlnotes.losses import global_normalizer, sigmoid_focal_loss, smooth_l1
 from dlnotes.matching import POSITIVE, gather_matched, match_anchors
+from dlnotes.models.detector import Detector, check_targets
 from dlnotes.necks import build_neck
 from dlnotes.postprocess import decode_detections
 
@@ -166,13 +160,9 @@ PRESETS = {
     ),
 }  # fmt: skip
 
-# compile() arguments that do not apply: the detection loss is built in, and Keras metrics would
-# receive the raw targets and head outputs (use dlnotes.evaluation for mAP).
-_UNSUPPORTED_COMPILE_ARGS = ("loss", "loss_weights", "metrics", "weighted_metrics")
-
 
 @keras.saving.register_keras_serializable(package="dlnotes")
-class RetinaNet(keras.Model):
+class RetinaNet(Detector):
     """RetinaNet detector: images ``(B, H, W, 3)`` RGB in [0, 255] -> class logits and box deltas.
 
     ``call`` returns ``{"class_logits": (B, N, C), "box_deltas": (B, N, 4)}`` over the ``N``
@@ -236,10 +226,12 @@ class RetinaNet(keras.Model):
         neck_kwargs=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
-        self.num_classes = int(num_classes)
+        super().__init__(
+            num_classes,
+            loss_terms=("class_loss", "box_loss"),
+            term_weights={"box_loss": float(box_loss_weight)},
+            **kwargs,
+        )
         self.image_size = tuple(int(v) for v in image_size)
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise ValueError(f"image_size must be (height, width), got {image_size!r}.")
@@ -293,12 +285,6 @@ class RetinaNet(keras.Model):
         self.anchors = self.anchor_generator(self.image_size)
         #: Anchors per pyramid level (P3 first), Python ints summing to ``N``.
         self.level_sizes = self.anchor_generator.level_sizes(self.image_size)
-        self.class_loss_tracker = keras.metrics.Mean(name="class_loss")
-        self.box_loss_tracker = keras.metrics.Mean(name="box_loss")
-        # Counts labels outside [-1, num_classes) seen by compute_loss; read after each step
-        # under jit_compile (see make_train_function) and left out of the reported logs.
-        self.invalid_label_counter = keras.metrics.Sum(name="invalid_labels")
-        self._xla_network = None  # the XLA-compiled forward pass of predict (make_predict_function)
         self.build((None, *self.image_size, 3))
 
     # ------------------------------------------------------------------ construction
@@ -356,29 +342,6 @@ class RetinaNet(keras.Model):
     def from_config(cls, config):
         return cls(**config)
 
-    def compile(self, optimizer="rmsprop", **kwargs):
-        """``keras.Model.compile`` without ``loss`` / ``metrics`` (the detection loss is built in).
-
-        Raises:
-            ValueError: a ``loss``, ``loss_weights``, ``metrics`` or ``weighted_metrics`` other
-                than None.
-        """
-        given = [name for name in _UNSUPPORTED_COMPILE_ARGS if kwargs.get(name) is not None]
-        if given:
-            raise ValueError(
-                f"RetinaNet.compile() got {given}: the focal + smooth-L1 loss is built into the "
-                "model (compute_loss) and Keras metrics would only see raw targets and head "
-                "outputs; evaluate detections with dlnotes.evaluation (COCO mAP) instead."
-            )
-        super().compile(optimizer=optimizer, **kwargs)
-
-    def compile_from_config(self, config):
-        # Keras skips models that override compile() when loading; this one only rejects
-        # loss / metrics (saved as None), so the saved compile arguments apply unchanged.
-        self.compile(**keras.saving.deserialize_keras_object(config))
-        if self.built:
-            self.optimizer.build(self.trainable_variables)  # so that its saved state can load
-
     # ------------------------------------------------------------------ forward
 
     def head_outputs(self, images, training=False):
@@ -405,22 +368,6 @@ class RetinaNet(keras.Model):
 
     # ------------------------------------------------------------------ training
 
-    def _label_assertions(self, labels):
-        """Graph assertions for labels outside ``[-1, num_classes)`` (dropped by XLA)."""
-        return [
-            tf.debugging.assert_less(
-                labels, self.num_classes,
-                message=f"RetinaNet(num_classes={self.num_classes}): a target label is >= "
-                f"num_classes (labels must be 0..{self.num_classes - 1}, padding -1); check the "
-                "data set's classes or the model's num_classes",
-            ),
-            tf.debugging.assert_greater_equal(
-                labels, -1,
-                message=f"RetinaNet(num_classes={self.num_classes}): a target label is < -1 "
-                f"(labels must be 0..{self.num_classes - 1}, padding -1)",
-            ),
-        ]  # fmt: skip
-
     def compute_targets(self, boxes, labels):
         """Anchor states and regression / class targets for padded GT, inside the graph.
 
@@ -440,9 +387,7 @@ class RetinaNet(keras.Model):
             normalised deltas (zero except on positives) and ``matched_iou`` ``(B, N)``.
         """
         boxes = clip_boxes(tf.cast(boxes, tf.float32), self.image_size)
-        labels = tf.cast(labels, tf.int32)
-        with tf.control_dependencies(self._label_assertions(labels)):
-            labels = tf.identity(labels)
+        labels = self.checked_labels(labels)
         matches = match_anchors(
             self.anchors, boxes, labels,
             positive_threshold=self.positive_threshold,
@@ -469,11 +414,7 @@ class RetinaNet(keras.Model):
         Under ``tf.distribute`` each replica returns its share: the sum over replicas is the
         global-batch loss.
         """
-        if not isinstance(y, dict) or "boxes" not in y or "labels" not in y:
-            raise ValueError(
-                'RetinaNet targets must be a dict {"boxes": (B, M, 4), "labels": (B, M)}, '
-                f"got {type(y).__name__}."
-            )
+        check_targets("RetinaNet", y)
         if not isinstance(y_pred, dict) or not {"class_logits", "box_deltas"} <= set(y_pred):
             raise ValueError(
                 'RetinaNet predictions must be the dict of call(): {"class_logits", '
@@ -486,8 +427,9 @@ class RetinaNet(keras.Model):
         class_logits = tf.cast(y_pred["class_logits"], tf.float32)
         box_deltas = tf.cast(y_pred["box_deltas"], tf.float32)
         focal = sigmoid_focal_loss(
-            targets["class_targets"], class_logits, self.focal_alpha, self.focal_gamma
-        )
+            targets["class_targets"], class_logits, self.focal_alpha, self.focal_gamma,
+            hard_labels=True,
+        )  # fmt: skip
         class_sum = tf.reduce_sum(tf.reduce_sum(focal, axis=-1) * counted)
         box_sum = tf.reduce_sum(
             tf.reduce_sum(smooth_l1(targets["box_targets"], box_deltas, self.smooth_l1_beta), -1)
@@ -496,96 +438,9 @@ class RetinaNet(keras.Model):
         normalizer = global_normalizer(tf.reduce_sum(positive))
         return class_sum / normalizer, box_sum / normalizer
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """``class_loss + box_loss_weight * box_loss`` (+ regularisation), this replica's share.
-
-        Keras sums gradients over replicas (all-reduce SUM), and every term here is already a
-        share of the global-batch loss (divided by the global positive count), so it is returned
-        unscaled; only ``self.losses`` get Keras' usual ``1 / num_replicas``.
-        """
-        if sample_weight is not None:
-            raise ValueError(
-                "RetinaNet does not support sample_weight / class_weight: the focal loss already "
-                "weights anchors (alpha, gamma) and is normalised by the number of positives."
-            )
+    def loss_terms(self, y, y_pred):
         class_loss, box_loss = self.detection_losses(y, y_pred)
-        total = class_loss + self.box_loss_weight * box_loss
-        replicas = tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, tf.float32)
-        for loss in self.losses:  # regularisers, if a user adds some: Keras' per-replica scaling
-            total = total + tf.cast(loss, tf.float32) / replicas
-        # The trackers see what Keras' loss tracker sees: the global-batch value (share times
-        # replicas), weighted by the batch size, so that loss = class_loss + box_loss in the logs.
-        batch = tf.shape(y_pred["class_logits"])[0]
-        self.class_loss_tracker.update_state(class_loss * replicas, sample_weight=batch)
-        self.box_loss_tracker.update_state(box_loss * replicas, sample_weight=batch)
-        labels = tf.cast(y["labels"], tf.int32)
-        invalid = tf.logical_or(labels >= self.num_classes, labels < -1)
-        self.invalid_label_counter.update_state(tf.reduce_sum(tf.cast(invalid, tf.float32)))
-        return total
-
-    def get_metrics_result(self):
-        # The invalid-label counter is a safety check, not a training metric.
-        logs = super().get_metrics_result()
-        logs.pop(self.invalid_label_counter.name, None)
-        return logs
-
-    def _checked_step(self, step, data):
-        """Runs Keras' ``step`` after the label assertions: every op of the step (forward pass,
-        BN statistics, optimizer update and its iteration counter) waits for them, so a bad
-        label changes nothing (graph mode; eager raises at once; XLA drops them)."""
-        _, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        checks = []
-        if isinstance(y, dict) and "labels" in y:
-            checks = self._label_assertions(tf.cast(y["labels"], tf.int32))
-        with tf.control_dependencies(checks):
-            return step(data)
-
-    def train_step(self, data):
-        return self._checked_step(super().train_step, data)
-
-    def test_step(self, data):
-        return self._checked_step(super().test_step, data)
-
-    def _raise_on_invalid_labels(self, step_function):
-        """Wraps an XLA-compiled train / test function: raise once it has seen a bad label."""
-
-        def function(iterator):
-            logs = step_function(iterator)
-            count = int(self.invalid_label_counter.result())
-            if count:
-                self.invalid_label_counter.reset_state()
-                raise tf.errors.InvalidArgumentError(
-                    None,
-                    None,
-                    f"RetinaNet(num_classes={self.num_classes}): {count} target label(s) outside "
-                    f"[-1, {self.num_classes}) (labels must be 0..{self.num_classes - 1}, "
-                    "padding -1); check the data set's classes or the model's num_classes. The "
-                    "step ran under jit_compile=True, where XLA drops assertions, so this is "
-                    "raised after the step (its update is already applied).",
-                )
-            return logs
-
-        return function
-
-    def make_train_function(self, force=False):
-        """Keras' train function; under ``jit_compile`` it raises on invalid labels after the
-        step (XLA cannot run the assertions of :meth:`compute_targets`), at the cost of reading
-        one scalar back from the device per call."""
-        if self.train_function is not None and not force:
-            return self.train_function
-        super().make_train_function(force=force)
-        if self.jit_compile:
-            self.train_function = self._raise_on_invalid_labels(self.train_function)
-        return self.train_function
-
-    def make_test_function(self, force=False):
-        """Keras' test function, with the invalid-label check of :meth:`make_train_function`."""
-        if self.test_function is not None and not force:
-            return self.test_function
-        super().make_test_function(force=force)
-        if self.jit_compile:
-            self.test_function = self._raise_on_invalid_labels(self.test_function)
-        return self.test_function
+        return {"class_loss": class_loss, "box_loss": box_loss}
 
     # ------------------------------------------------------------------ inference
 
@@ -626,27 +481,3 @@ class RetinaNet(keras.Model):
             iou_threshold=self.iou_threshold,
             max_detections=self.max_detections,
         )
-
-    def predict_step(self, data):
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        network = self._xla_network or (lambda images: self(images, training=False))
-        return self.decode(network(x))
-
-    def make_predict_function(self, force=False):
-        """Keras' predict function. ``CombinedNonMaxSuppression`` has no XLA kernel, so under
-        ``jit_compile`` only the network is XLA-compiled (a nested ``tf.function``) and decoding
-        / NMS run as TensorFlow graph ops."""
-        if self.predict_function is not None and not force:
-            return self.predict_function
-        jit_compile = self.jit_compile
-        self._xla_network = None
-        if jit_compile:
-            self._xla_network = tf.function(
-                lambda images: self(images, training=False), jit_compile=True
-            )
-        self.jit_compile = False  # Keras would XLA-compile the whole predict_step
-        try:
-            super().make_predict_function(force=force)
-        finally:
-            self.jit_compile = jit_compile
-        return self.predict_function

@@ -594,6 +594,15 @@ def test_jit_compiled_training_matches_graph_training():
         np.testing.assert_allclose(out[key], expected[key], atol=1e-4)
 
 
+def test_jit_compiled_fit_of_the_full_preset_with_adam():
+    # Adam creates slot variables: they must exist before the (XLA, label-checked) step is traced.
+    x, y = _train_data()
+    m = _tiny()
+    m.compile(optimizer=keras.optimizers.AdamW(1e-3, clipnorm=5.0), jit_compile=True)
+    h = m.fit(x[:2], {k: v[:2] for k, v in y.items()}, batch_size=2, epochs=2, verbose=0).history
+    assert np.isfinite(h["loss"]).all() and int(m.optimizer.iterations) == 2
+
+
 # ----------------------------------------------------------------------------- parameter counts
 def _conv_params(k, c_in, c_out, bias=True):
     return k * k * c_in * c_out + (c_out if bias else 0)
