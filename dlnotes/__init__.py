@@ -7,9 +7,10 @@ One module per idea, each used by every model of the book:
 * :mod:`dlnotes.matching` — anchor assignment to ground truth, balanced sampling
 * :mod:`dlnotes.postprocess` — decoding and batched, per-class NMS
 * :mod:`dlnotes.losses` — focal, smooth-L1 / Huber and IoU losses, the cross-replica normaliser
-* :mod:`dlnotes.backbones` — ResNet / ResNeXt feature extractors (C3-C5)
+* :mod:`dlnotes.backbones` — ResNet / ResNeXt and Darknet-53 feature extractors (C3-C5)
+* :mod:`dlnotes.darknet_io` — darknet ``.cfg`` / ``.weights`` files to and from Keras models
 * :mod:`dlnotes.necks` — FPN variants (original, BN / post-activation, PANet, YOLO's concat FPN)
-* :mod:`dlnotes.models` — the detectors (RetinaNet)
+* :mod:`dlnotes.models` — the detectors (RetinaNet, YOLOv3)
 * :mod:`dlnotes.data` — the synthetic shapes data set, COCO JSON to ``tf.data``, transforms
 * :mod:`dlnotes.evaluation` — COCO mAP with pycocotools, and AP spelled out
 * :mod:`dlnotes.viz` — matplotlib drawing of boxes, anchors, assignments, heatmaps, curves
@@ -19,6 +20,7 @@ from dlnotes import (
     anchors,
     backbones,
     boxes,
+    darknet_io,
     data,
     evaluation,
     losses,
@@ -36,6 +38,7 @@ __all__ = [
     "anchors",
     "backbones",
     "boxes",
+    "darknet_io",
     "data",
     "evaluation",
     "losses",

@@ -6,7 +6,8 @@ Every concept here exists once and is reused by all models of the book:
 * :func:`pairwise_iou` / :func:`aligned_iou` for IoU, GIoU, DIoU and CIoU (one formula,
   the pairwise version is the aligned one on expanded dimensions);
 * :func:`clip_boxes` and :func:`remove_small_boxes` for proposal post-processing;
-* :class:`BoxCoder`, the RetinaNet / Faster R-CNN centre-size deltas.
+* :class:`BoxCoder`, the RetinaNet / Faster R-CNN centre-size deltas;
+* :func:`yolo_decode` / :func:`yolo_encode`, YOLOv3's grid-cell parametrisation.
 
 All functions are TensorFlow graph code: they accept tensors, NumPy arrays or nested lists, use
 only TF ops with static shapes (no Python loops over boxes), return ``tf.float32`` tensors and
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_SCALE_CLIP",
     "FORMATS",
     "IOU_KINDS",
+    "YOLO_SCALE_CLIP",
     "BoxCoder",
     "aligned_iou",
     "box_area",
@@ -33,6 +35,8 @@ __all__ = [
     "convert_format",
     "pairwise_iou",
     "remove_small_boxes",
+    "yolo_decode",
+    "yolo_encode",
 ]
 
 #: Supported box formats (names follow ``keras.utils.bounding_boxes``).
@@ -59,6 +63,14 @@ IOU_KINDS = ("iou", "giou", "diou", "ciou")
 
 #: Default upper bound of the log-size deltas in :meth:`BoxCoder.decode` (as in torchvision).
 DEFAULT_SCALE_CLIP = math.log(1000.0 / 16)
+
+#: Default upper bound of YOLO's raw ``tw, th`` before ``exp`` in :func:`yolo_decode`: a predicted
+#: box is at most 1000 times its anchor. ``exp`` overflows float32 above 88.7, and long before that
+#: the squares of CIoU's enclosing diagonal do (``w^2`` with ``w = 373 exp(40)``); with the clamp a
+#: decoded side stays below ~4e5 pixels for the COCO anchors, so areas and squared distances are
+#: finite. 1000 leaves room for any real target (a whole 4096-pixel image over the 10-pixel anchor
+#: is a ratio of 410), so the clamp never hides a reachable box.
+YOLO_SCALE_CLIP = math.log(1000.0)
 
 # Added to every denominator so that zero-area boxes give finite values (IoU 0) instead of NaN.
 _EPS = 1e-7
@@ -419,3 +431,113 @@ def _center_size(boxes):
     """xyxy ``(..., 4)`` -> (cx, cy, w, h), each ``(...,)``."""
     x1, y1, x2, y2 = tf.unstack(boxes, num=4, axis=-1)
     return 0.5 * (x1 + x2), 0.5 * (y1 + y2), x2 - x1, y2 - y1
+
+
+def _yolo_anchors_wh(anchors_wh):
+    anchors_wh = _to_float(anchors_wh, "anchors_wh")
+    if anchors_wh.shape.rank == 0 or anchors_wh.shape[-1] not in (None, 2):
+        raise ValueError(
+            f"`anchors_wh` must have shape (A, 2) of anchor [w, h] in pixels, got shape "
+            f"{anchors_wh.shape}."
+        )
+    return anchors_wh
+
+
+def _yolo_stride(stride):
+    if tf.is_tensor(stride) or not float(stride) > 0:
+        raise ValueError(f"`stride` must be a positive Python number, got {stride!r}.")
+    return float(stride)
+
+
+def yolo_decode(raw_offsets, anchors_wh, stride, scale_clip=YOLO_SCALE_CLIP):
+    """YOLOv3 raw offsets of one output level -> ``xyxy`` boxes in input pixels.
+
+    For the cell in column ``cx`` and row ``cy`` and the anchor ``(aw, ah)`` (pixels)::
+
+        bx = (sigmoid(tx) + cx) * stride       by = (sigmoid(ty) + cy) * stride
+        bw = aw * exp(min(tw, scale_clip))     bh = ah * exp(min(th, scale_clip))
+
+    i.e. the notes' grid-relative centre ``sigmoid(t) + c`` scaled to pixels; the centre always
+    lies inside its cell. ``tw, th`` are clamped from above at ``scale_clip`` (default
+    :data:`YOLO_SCALE_CLIP` = ``log(1000)``) so that ``exp`` and the areas / squared distances of
+    the IoU family stay finite for any raw output (a fresh network can emit ``tw = 100``); the
+    gradient with respect to a clamped ``tw`` is 0. Large negative ``tw`` give zero-size boxes,
+    which the IoU functions handle.
+
+    Args:
+        raw_offsets: ``(..., H, W, A, 4)`` raw ``(tx, ty, tw, th)`` of one level, e.g.
+            ``y_pred[..., :4]`` of an output ``(B, H, W, A, 4 + 1 + C)``.
+        anchors_wh: ``(A, 2)`` anchor ``[w, h]`` in input pixels (``YoloAnchors.level_anchors``).
+        stride: the level's stride in pixels (Python number; 32, 16 or 8 for YOLOv3).
+        scale_clip: upper bound of ``tw, th`` before ``exp``.
+
+    Returns:
+        ``(..., H, W, A, 4)`` float32 ``xyxy`` boxes in input pixels.
+    """
+    raw = _to_boxes(raw_offsets, "raw_offsets")
+    if raw.shape.rank is not None and raw.shape.rank < 4:
+        raise ValueError(f"`raw_offsets` must have shape (..., H, W, A, 4), got shape {raw.shape}.")
+    anchors_wh = _yolo_anchors_wh(anchors_wh)
+    stride = _yolo_stride(stride)
+    shape = tf.shape(raw)
+    col = tf.cast(tf.range(shape[-3]), tf.float32)[None, :, None]  # (1, W, 1)
+    row = tf.cast(tf.range(shape[-4]), tf.float32)[:, None, None]  # (H, 1, 1)
+    tx, ty, tw, th = tf.unstack(raw, num=4, axis=-1)
+    x = (tf.sigmoid(tx) + col) * stride
+    y = (tf.sigmoid(ty) + row) * stride
+    half_w = 0.5 * anchors_wh[..., 0] * tf.exp(tf.minimum(tw, float(scale_clip)))
+    half_h = 0.5 * anchors_wh[..., 1] * tf.exp(tf.minimum(th, float(scale_clip)))
+    return tf.stack([x - half_w, y - half_h, x + half_w, y + half_h], axis=-1)
+
+
+def yolo_encode(boxes, anchors_wh, stride, cell_xy=None):
+    """Regression targets of ``xyxy`` boxes for their YOLO cell and anchor (inverse of decode).
+
+    With the box centre ``(x, y)`` and size ``(w, h)`` in pixels, the cell ``(cx, cy)`` (column,
+    row) and the anchor ``(aw, ah)``::
+
+        targets = (x / stride - cx, y / stride - cy, log(w / aw), log(h / ah))
+
+    The first two are the targets of ``sigmoid(tx), sigmoid(ty)`` -- in [0, 1] when the centre
+    lies in the cell -- not of the raw ``tx, ty`` (``logit`` of them is infinite on the cell
+    edges): the YOLO loss compares them with a binary cross entropy on the logits ``tx, ty``
+    (keras-yolo3's ``raw_true_xy``). The last two are the raw ``tw, th`` targets
+    (``raw_true_wh``). So for boxes decoded by :func:`yolo_decode` in their own cell,
+    ``yolo_encode`` returns ``(sigmoid(tx), sigmoid(ty), tw, th)``. Widths and heights are
+    clamped to a small epsilon before the log, so zero-size boxes give finite targets.
+
+    Args:
+        boxes: ``(..., 4)`` ``xyxy`` boxes in input pixels.
+        anchors_wh: ``(..., 2)`` anchor ``[w, h]`` in pixels, broadcastable to ``boxes[..., :2]``
+            (e.g. ``(A, 2)`` against boxes ``(B, H, W, A, 4)``).
+        stride: the level's stride in pixels (Python number).
+        cell_xy: optional ``(..., 2)`` cell ``(column, row)`` (ints or floats), broadcastable;
+            default the cell containing the centre, ``floor(centre / stride)`` (no clamping to the
+            grid: a centre on the right / bottom image border needs the last cell passed in).
+
+    Returns:
+        ``(..., 4)`` float32 targets ``(sx, sy, tw, th)`` (broadcast shape).
+    """
+    boxes = _to_boxes(boxes, "boxes")
+    anchors_wh = _yolo_anchors_wh(anchors_wh)
+    stride = _yolo_stride(stride)
+    x, y, w, h = _center_size(boxes)
+    gx, gy = x / stride, y / stride  # centre in grid units
+    if cell_xy is None:
+        cell_x, cell_y = tf.floor(gx), tf.floor(gy)
+    else:
+        cell_xy = _to_float(cell_xy, "cell_xy")
+        if cell_xy.shape.rank == 0 or cell_xy.shape[-1] not in (None, 2):
+            raise ValueError(f"`cell_xy` must have shape (..., 2), got shape {cell_xy.shape}.")
+        cell_x, cell_y = cell_xy[..., 0], cell_xy[..., 1]
+    tw = tf.math.log(tf.maximum(w, _SIZE_EPS) / anchors_wh[..., 0])
+    th = tf.math.log(tf.maximum(h, _SIZE_EPS) / anchors_wh[..., 1])
+    return tf.stack(_broadcast_all(gx - cell_x, gy - cell_y, tw, th), axis=-1)
+
+
+def _broadcast_all(*tensors):
+    """Broadcasts tensors against each other (``tf.stack`` needs equal shapes)."""
+    shape = tf.shape(tensors[0])
+    for t in tensors[1:]:
+        shape = tf.broadcast_dynamic_shape(shape, tf.shape(t))
+    return [tf.broadcast_to(t, shape) for t in tensors]

@@ -6,7 +6,8 @@
 * :func:`iou_loss` — ``1 - IoU / GIoU / DIoU / CIoU`` of ``xyxy`` boxes, from
   :func:`dlnotes.boxes.aligned_iou`;
 * :func:`global_normalizer` — ``max(minimum, count)`` with the count summed over the replicas of a
-  ``tf.distribute`` strategy.
+  ``tf.distribute`` strategy;
+* :func:`yolo_loss` and :func:`yolo_ignore_mask` — YOLOv3's loss (reduced, a dict of terms).
 
 The losses are elementwise (no reduction): a model masks them with its anchor states (ignored
 anchors out, box losses on positives only), sums them and divides by :func:`global_normalizer`
@@ -19,15 +20,30 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from dlnotes.boxes import IOU_KINDS, aligned_iou
+from dlnotes.anchors import YoloAnchors
+from dlnotes.boxes import (
+    IOU_KINDS,
+    aligned_iou,
+    clip_boxes,
+    convert_format,
+    pairwise_iou,
+    yolo_decode,
+    yolo_encode,
+)
 
 __all__ = [
+    "YOLO_BOX_LOSSES",
     "global_normalizer",
     "huber",
     "iou_loss",
     "sigmoid_focal_loss",
     "smooth_l1",
+    "yolo_ignore_mask",
+    "yolo_loss",
 ]
+
+#: Box terms of :func:`yolo_loss`: the notes' offsets (xy BCE + wh L2) or the CIoU loss.
+YOLO_BOX_LOSSES = ("offset", "ciou")
 
 
 def _float_pair(a, b, names):
@@ -248,3 +264,199 @@ def global_normalizer(count, minimum=1.0):
     if context is not None and context.num_replicas_in_sync > 1:
         count = context.all_reduce(tf.distribute.ReduceOp.SUM, count)
     return tf.maximum(count, tf.cast(minimum, tf.float32))
+
+
+def yolo_ignore_mask(pred_boxes, gt_boxes, gt_valid, ignore_thresh=0.5):
+    """YOLOv3's ignore mask: predictions that overlap a GT of their image too well to be negatives.
+
+    A prediction whose best IoU with any valid GT box of the **same** image is
+    ``> ignore_thresh`` is not trained as a negative ("没有目标的格子中，如果预测目标与某gt box的
+    IOU>ignore_thresh, 则视为忽略样本"; darknet's strict ``>``; keras-yolo3 also ignores an IoU
+    equal to the threshold, a difference of measure zero). One batched pairwise IoU ``(B, M, N)`` with the padding masked
+    out replaces keras-yolo3's ``tf.while_loop`` over the images; an image without valid GT
+    ignores nothing. The result carries no gradient (the predicted boxes are behind
+    ``stop_gradient``): it only selects terms of the objectness loss.
+
+    Args:
+        pred_boxes: ``(B, M, 4)`` decoded predicted ``xyxy`` boxes (e.g. one level's
+            :func:`dlnotes.boxes.yolo_decode` output reshaped to ``(B, H * W * A, 4)``).
+        gt_boxes: ``(B, N, 4)`` ``xyxy`` GT boxes in the same units, padded.
+        gt_valid: ``(B, N)`` bool, False for padding (and whatever else should not count).
+        ignore_thresh: IoU threshold in [0, 1] (0.5 in YOLOv3; 1 ignores nothing).
+
+    Returns:
+        ``(B, M)`` bool, True where the prediction is ignored.
+    """
+    if not 0.0 <= float(ignore_thresh) <= 1.0:
+        raise ValueError(
+            f"yolo_ignore_mask: `ignore_thresh` must be in [0, 1], got {ignore_thresh!r}."
+        )
+    pred_boxes = tf.stop_gradient(tf.cast(tf.convert_to_tensor(pred_boxes), tf.float32))
+    gt_boxes = tf.cast(tf.convert_to_tensor(gt_boxes), tf.float32)
+    gt_valid = tf.cast(tf.convert_to_tensor(gt_valid), tf.bool)
+    if pred_boxes.shape.rank != 3 or pred_boxes.shape[-1] != 4:
+        raise ValueError(f"`pred_boxes` must have shape (B, M, 4), got {pred_boxes.shape}.")
+    if gt_boxes.shape.rank != 3 or gt_boxes.shape[-1] != 4:
+        raise ValueError(f"`gt_boxes` must have shape (B, N, 4), got {gt_boxes.shape}.")
+    if gt_valid.shape.rank != 2 or not gt_valid.shape.is_compatible_with(gt_boxes.shape[:2]):
+        raise ValueError(
+            f"`gt_valid` must have shape (B, N) matching `gt_boxes` {gt_boxes.shape}, got "
+            f"{gt_valid.shape}."
+        )
+    # (B, M, 1, 4) against (B, 1, N, 4) -> (B, M, N): each image only meets its own GTs.
+    iou = pairwise_iou(pred_boxes, gt_boxes, mask2=gt_valid, invalid_value=-1.0)
+    return tf.reduce_any(iou > float(ignore_thresh), axis=-1)
+
+
+def _bce_logits(labels, logits):
+    return tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
+
+
+def yolo_loss(
+    y_true,
+    y_pred,
+    anchors,
+    image_shape,
+    gt_boxes,
+    gt_labels,
+    ignore_thresh=0.5,
+    box_loss="offset",
+    batch_normalizer=None,
+):
+    """The YOLOv3 loss (keras-yolo3 / the notes), summed over levels, per image.
+
+    Per level, with ``obj`` the objectness of ``y_true`` (1 at positives) and
+    ``box_loss_scale = 2 - w * h`` (GT size normalised by the input size: small boxes weigh up to
+    2, a box covering the image 1):
+
+    * ``xy``: ``obj * box_loss_scale * BCE(x / stride - cx, logits=tx)`` (and y): the GT's offset in
+      its cell against ``sigmoid(tx)``, computed from the logits (stable for any ``tx``);
+    * ``wh``: ``obj * box_loss_scale * 0.5 * (log(w / aw) - tw)^2`` (and h), on the raw offsets;
+    * ``objectness``: ``BCE(obj, logits=to)`` on positives, and on negatives that are not ignored
+      (:func:`yolo_ignore_mask` of this level's decoded boxes against all valid GT boxes of the
+      image, i.e. clipped, label >= 0, positive size, as darknet does; keras-yolo3 uses only the
+      GTs assigned on that level);
+    * ``class``: ``obj * BCE(one_hot, logits=class_logits)`` summed over the classes;
+    * CIoU variant: ``obj * box_loss_scale * (1 - CIoU(decoded box, GT box))``
+      (:func:`dlnotes.boxes.aligned_iou` with ``kind="ciou"``, boxes from
+      :func:`dlnotes.boxes.yolo_decode`).
+
+    Every term is summed over cells, anchors and levels and divided by ``batch_normalizer``
+    (default: :func:`global_normalizer` of the batch size, so that under ``tf.distribute`` it is
+    the global batch and the summed replica gradients equal the one-device gradient). Only the
+    ignore mask is behind ``stop_gradient``, and CIoU's trade-off weight ``alpha`` (as in the
+    paper); keras-yolo3 stops nothing else. Values and gradients are finite for any raw output
+    (``tw`` is clamped before ``exp`` only in the decoded boxes, the offset losses are
+    polynomials and stable cross entropies), for zero-size GT boxes (not assigned), images
+    without GT (only the negative objectness term remains) and all-padding batches.
+
+    Args:
+        y_true: list over levels (``anchors`` order) of ``(B, H_l, W_l, A, 4 + 1 + C)`` from
+            :func:`dlnotes.matching.assign_yolo_targets` (normalised ``rel_center_xywh``,
+            objectness, one-hot class).
+        y_pred: list over levels of the raw outputs, same shapes: ``tx, ty, tw, th``, the
+            objectness logit and ``C`` class logits (any float dtype; computed in float32).
+        anchors: the :class:`dlnotes.anchors.YoloAnchors` of the targets.
+        image_shape: static ``(height, width)`` of the input.
+        gt_boxes: ``(B, N, 4)`` ``xyxy`` GT boxes in input pixels (the ones the targets came from),
+            for the ignore mask.
+        gt_labels: ``(B, N)`` labels, -1 for padding.
+        ignore_thresh: IoU above which a negative prediction is ignored (0.5; 1 ignores none).
+        box_loss: ``"offset"`` (the xy + wh losses) or ``"ciou"`` (the CIoU loss).
+        batch_normalizer: optional divisor (scalar); default the global batch size.
+
+    Returns:
+        Dict of float32 scalars ``{"xy", "wh", "box", "objectness", "class", "total"}``. ``box``
+        is the box term that enters the total: ``xy + wh`` for ``"offset"``, the CIoU loss for
+        ``"ciou"`` (``xy`` and ``wh`` are then still reported for monitoring). ``total = box +
+        objectness + class``.
+
+    Raises:
+        ValueError: unknown ``box_loss``, ``anchors`` not a ``YoloAnchors``, wrong number of
+            levels or shapes that do not match the anchors and ``image_shape``.
+    """
+    if box_loss not in YOLO_BOX_LOSSES:
+        raise ValueError(f"yolo_loss: box_loss must be one of {YOLO_BOX_LOSSES}, got {box_loss!r}.")
+    if not isinstance(anchors, YoloAnchors):
+        raise ValueError(
+            f"yolo_loss: `anchors` must be a dlnotes.anchors.YoloAnchors, got {anchors!r}."
+        )
+    y_true, y_pred = list(y_true), list(y_pred)
+    if len(y_true) != anchors.num_levels or len(y_pred) != anchors.num_levels:
+        raise ValueError(
+            f"yolo_loss: expected {anchors.num_levels} levels (stride {anchors.strides}), got "
+            f"{len(y_true)} y_true and {len(y_pred)} y_pred tensors."
+        )
+    grids = anchors.level_shapes(image_shape)
+    height, width = grids[0][0] * anchors.strides[0], grids[0][1] * anchors.strides[0]
+    num_anchors = anchors.num_anchors_per_location
+
+    gt_boxes = clip_boxes(gt_boxes, (height, width))  # as assign_yolo_targets sees them
+    gt_labels = tf.convert_to_tensor(gt_labels)
+    x1, y1, x2, y2 = tf.unstack(gt_boxes, num=4, axis=-1)
+    gt_valid = (gt_labels >= 0) & (x2 > x1) & (y2 > y1)
+
+    terms = {name: tf.constant(0.0) for name in ("xy", "wh", "ciou", "objectness", "class")}
+    for level, (grid_h, grid_w) in enumerate(grids):
+        true = tf.cast(tf.convert_to_tensor(y_true[level]), tf.float32)
+        pred = tf.cast(tf.convert_to_tensor(y_pred[level]), tf.float32)
+        expected = (grid_h, grid_w, num_anchors)
+        for name, t in (("y_true", true), ("y_pred", pred)):
+            if t.shape.rank != 5 or not t.shape[1:4].is_compatible_with(expected):
+                raise ValueError(
+                    f"yolo_loss: {name}[{level}] must have shape (B, {grid_h}, {grid_w}, "
+                    f"{num_anchors}, 5 + C) for a {height}x{width} input at stride "
+                    f"{anchors.strides[level]}, got {t.shape}."
+                )
+        if not true.shape.is_compatible_with(pred.shape) or (true.shape[-1] or 6) < 6:
+            raise ValueError(
+                f"yolo_loss: y_true[{level}] {true.shape} and y_pred[{level}] {pred.shape} must "
+                "have the same shape (B, H, W, A, 4 + 1 + C) with C >= 1."
+            )
+        stride = anchors.strides[level]
+        anchors_wh = anchors.level_anchors(level)  # (A, 2)
+        obj = true[..., 4]  # (B, H, W, A)
+        true_xyxy = convert_format(true[..., :4], "rel_center_xywh", "xyxy", (height, width))
+        scale = 2.0 - true[..., 2] * true[..., 3]
+
+        # Offset targets of every cell/anchor in its own cell (only positives are used).
+        col, row = tf.meshgrid(
+            tf.range(grid_w, dtype=tf.float32), tf.range(grid_h, dtype=tf.float32)
+        )
+        cells = tf.stack([col, row], axis=-1)[:, :, None, :]  # (H, W, 1, 2)
+        target = yolo_encode(true_xyxy, anchors_wh, stride, cells)
+        xy = tf.reduce_sum(_bce_logits(target[..., :2], pred[..., :2]), axis=-1)
+        # Zero targets off the positives, as keras-yolo3, so the masked products stay small.
+        target_wh = tf.where(obj[..., None] > 0, target[..., 2:4], 0.0)
+        wh = 0.5 * tf.reduce_sum(tf.square(target_wh - pred[..., 2:4]), axis=-1)
+        terms["xy"] += tf.reduce_sum(obj * scale * xy)
+        terms["wh"] += tf.reduce_sum(obj * scale * wh)
+
+        pred_xyxy = yolo_decode(pred[..., :4], anchors_wh, stride)  # (B, H, W, A, 4)
+        if box_loss == "ciou":
+            ciou = aligned_iou(pred_xyxy, true_xyxy, kind="ciou")
+            terms["ciou"] += tf.reduce_sum(obj * scale * (1.0 - ciou))
+
+        batch = tf.shape(pred)[0]
+        ignore = yolo_ignore_mask(
+            tf.reshape(pred_xyxy, [batch, -1, 4]), gt_boxes, gt_valid, ignore_thresh
+        )
+        keep_negative = 1.0 - tf.cast(tf.reshape(ignore, tf.shape(obj)), tf.float32)
+        obj_bce = _bce_logits(obj, pred[..., 4])
+        terms["objectness"] += tf.reduce_sum(obj * obj_bce + (1.0 - obj) * keep_negative * obj_bce)
+        class_bce = tf.reduce_sum(_bce_logits(true[..., 5:], pred[..., 5:]), axis=-1)
+        terms["class"] += tf.reduce_sum(obj * class_bce)
+
+    if batch_normalizer is None:
+        batch_normalizer = global_normalizer(tf.shape(y_pred[0])[0])
+    normalizer = tf.cast(batch_normalizer, tf.float32)
+    box = terms["xy"] + terms["wh"] if box_loss == "offset" else terms["ciou"]
+    out = {
+        "xy": terms["xy"] / normalizer,
+        "wh": terms["wh"] / normalizer,
+        "box": box / normalizer,
+        "objectness": terms["objectness"] / normalizer,
+        "class": terms["class"] / normalizer,
+    }
+    out["total"] = out["box"] + out["objectness"] + out["class"]
+    return out

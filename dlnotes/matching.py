@@ -11,6 +11,9 @@ book (RetinaNet, EfficientDet, the Faster R-CNN RPN and its box head):
 3. Faster R-CNN additionally ignores anchors that cross the image border and samples a fixed
    budget of anchors per image with a positive fraction (:func:`sample_balanced`).
 
+YOLOv3 assigns by anchor *shape* instead (:func:`assign_yolo_targets`): a GT goes to the cell
+holding its centre and to its best-shaped anchor(s), and becomes a dense ``y_true`` per level.
+
 Everything is graph code over padded batches: anchors ``(A, 4)`` (or ``(B, A, 4)``), GT boxes
 ``(B, G, 4)`` with labels ``(B, G)`` padded with -1. Static shapes, no Python loops over boxes or
 images, so it runs inside ``tf.function(jit_compile=True)``. Boxes are absolute-pixel ``xyxy``.
@@ -22,14 +25,17 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from dlnotes.boxes import pairwise_iou
+from dlnotes.anchors import YoloAnchors
+from dlnotes.boxes import clip_boxes, pairwise_iou
 
 __all__ = [
     "FORCE_BEST_MODES",
     "IGNORE",
     "NEGATIVE",
     "POSITIVE",
+    "YOLO_ASSIGN_RULES",
     "Matches",
+    "assign_yolo_targets",
     "gather_matched",
     "match_anchors",
     "sample_balanced",
@@ -40,6 +46,9 @@ IGNORE, NEGATIVE, POSITIVE = -1, 0, 1
 
 #: Accepted values of ``match_anchors(force_best=...)``.
 FORCE_BEST_MODES = (None, "global", "per_level")
+
+#: Accepted values of ``assign_yolo_targets(rule=...)``.
+YOLO_ASSIGN_RULES = ("per_level", "best_of_all")
 
 
 class Matches(NamedTuple):
@@ -330,3 +339,141 @@ def gather_matched(values, matched_gt):
     pad = tf.zeros(tf.concat([shape[:1], [1], shape[2:]], axis=0), values.dtype)
     values = tf.concat([values, pad], axis=1)
     return tf.gather(values, matched_gt, axis=1, batch_dims=1)
+
+
+def assign_yolo_targets(gt_boxes, gt_labels, anchors, image_shape, num_classes, rule="per_level"):
+    """YOLOv3 training targets ``y_true``, one dense tensor per output level.
+
+    A GT box is assigned on a level to the cell containing its centre (column
+    ``floor(x / stride)``, row ``floor(y / stride)``) and to one anchor of that cell, chosen by
+    *shape*: the IoU of the GT and anchor sizes with their centres aligned
+    (:func:`dlnotes.anchors.wh_iou`). Two rules:
+
+    * ``"per_level"`` (the notes, "9选3"): on **every** level the best of that level's ``A``
+      anchors, so each valid GT has exactly one positive per level (3 for YOLOv3);
+    * ``"best_of_all"`` (the original YOLOv3 / keras-yolo3): the best of all ``K`` anchors, so
+      each valid GT has one positive, on the level whose mask holds that anchor (none if no mask
+      uses it; the first position if a mask repeats it).
+
+    Ties between anchors go to the lowest anchor index (``argmax``'s first maximum, as
+    ``np.argmax`` in keras-yolo3).
+
+    Details:
+
+    * GT boxes are first clipped to the image. Padding (label ``< 0``) and boxes of zero or
+      negative width or height after clipping are not assigned: they leave no trace in
+      ``y_true``.
+    * A centre on the right or bottom image border (``x == W``) falls in the last column / row
+      (keras-yolo3 would index one past the grid).
+    * **Collisions**: when several GTs of an image claim the same (level, cell, anchor), the GT
+      with the highest index in ``gt_boxes`` wins -- keras-yolo3 loops over the boxes in order, so
+      the later one overwrites. Implemented by a ``tensor_scatter_nd_max`` of the GT index
+      followed by a gather, so the result is deterministic on every device.
+    * Labels ``>= num_classes`` would silently give an all-zero class vector; a graph assertion
+      raises ``InvalidArgumentError`` instead (XLA drops assertions: check labels upstream there).
+
+    Graph code: static shapes, no Python loop over boxes or images (only over the static levels);
+    runs inside ``tf.function(jit_compile=True)``. ``N == 0`` is allowed.
+
+    Args:
+        gt_boxes: ``(B, N, 4)`` ``xyxy`` GT boxes in input pixels, padded.
+        gt_labels: ``(B, N)`` integer labels in ``[0, num_classes)``, -1 for padding.
+        anchors: a :class:`dlnotes.anchors.YoloAnchors` (anchors, masks and strides; output
+            order, stride 32 first for YOLOv3).
+        image_shape: static ``(height, width)`` of the input, divisible by every stride.
+        num_classes: number of classes ``C``.
+        rule: ``"per_level"`` or ``"best_of_all"`` (see above).
+
+    Returns:
+        List over levels (``anchors`` order) of float32 ``(B, H_l, W_l, A, 4 + 1 + C)`` with
+        ``H_l = height / stride``: at an assigned (cell, anchor) the GT box as normalised
+        ``rel_center_xywh`` (centre and size divided by the input width / height, as keras-yolo3
+        stores it), objectness 1 and the one-hot class; zeros everywhere else.
+
+    Raises:
+        ValueError: unknown ``rule``, ``anchors`` not a ``YoloAnchors``, bad ``num_classes``,
+            image size not divisible by the strides, or tensors of the wrong shape.
+    """
+    if rule not in YOLO_ASSIGN_RULES:
+        raise ValueError(f"rule must be one of {YOLO_ASSIGN_RULES}, got {rule!r}.")
+    if not isinstance(anchors, YoloAnchors):
+        raise ValueError(f"`anchors` must be a dlnotes.anchors.YoloAnchors, got {anchors!r}.")
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    num_classes = int(num_classes)
+    grids = anchors.level_shapes(image_shape)  # validates divisibility
+    height, width = grids[0][0] * anchors.strides[0], grids[0][1] * anchors.strides[0]
+
+    gt_boxes = tf.cast(tf.convert_to_tensor(gt_boxes), tf.float32)
+    gt_labels = tf.cast(tf.convert_to_tensor(gt_labels), tf.int32)
+    if gt_boxes.shape.rank != 3 or gt_boxes.shape[-1] != 4:
+        raise ValueError(f"`gt_boxes` must have shape (B, N, 4), got {gt_boxes.shape}.")
+    if gt_labels.shape.rank != 2 or not gt_labels.shape.is_compatible_with(gt_boxes.shape[:2]):
+        raise ValueError(
+            f"`gt_labels` must have shape (B, N) matching `gt_boxes` {gt_boxes.shape}, got "
+            f"{gt_labels.shape}."
+        )
+    check = tf.debugging.assert_less(
+        gt_labels,
+        num_classes,
+        message=f"assign_yolo_targets: a GT label is >= num_classes={num_classes} "
+        "(labels must be 0..num_classes-1, padding -1)",
+    )
+    with tf.control_dependencies([check]):
+        gt_labels = tf.identity(gt_labels)
+
+    gt_boxes = clip_boxes(gt_boxes, (height, width))
+    valid = _valid_gt_mask(gt_boxes, gt_labels)  # (B, N)
+    x1, y1, x2, y2 = tf.unstack(gt_boxes, num=4, axis=-1)
+    cx, cy, w, h = 0.5 * (x1 + x2), 0.5 * (y1 + y2), x2 - x1, y2 - y1
+
+    # Shape IoU with all K anchors, centres aligned: (B, N, K). Anchors are positive, so the
+    # union never vanishes.
+    anchor_w = tf.constant(anchors.anchors[:, 0], tf.float32)
+    anchor_h = tf.constant(anchors.anchors[:, 1], tf.float32)
+    inter = tf.minimum(w[..., None], anchor_w) * tf.minimum(h[..., None], anchor_h)
+    shape_iou = inter / (w[..., None] * h[..., None] + anchor_w * anchor_h - inter)
+    best_of_all = tf.argmax(shape_iou, axis=-1, output_type=tf.int32)  # (B, N), first max
+
+    # The value stored for every GT, plus a zero row at index N for "no GT" (also makes N == 0
+    # an ordinary case for the gather below).
+    features = tf.concat(
+        [
+            tf.stack([cx / width, cy / height, w / width, h / height], axis=-1),
+            tf.ones_like(cx)[..., None],
+            tf.one_hot(tf.maximum(gt_labels, 0), num_classes, dtype=tf.float32),
+        ],
+        axis=-1,
+    )  # (B, N, 5 + C)
+    batch, num_gt = tf.shape(gt_boxes)[0], tf.shape(gt_boxes)[1]
+    features = tf.concat([features, tf.zeros([batch, 1, 5 + num_classes], tf.float32)], axis=1)
+    image_index = tf.broadcast_to(tf.range(batch)[:, None], [batch, num_gt])
+    gt_index = tf.broadcast_to(tf.range(num_gt)[None, :], [batch, num_gt])
+
+    y_true = []
+    for level, ((grid_h, grid_w), stride) in enumerate(zip(grids, anchors.strides, strict=True)):
+        mask = tf.constant(anchors.masks[level], tf.int32)  # (A,) indices into the K anchors
+        if rule == "per_level":
+            anchor = tf.argmax(tf.gather(shape_iou, mask, axis=-1), axis=-1, output_type=tf.int32)
+            assigned = valid
+        else:
+            hit = tf.equal(best_of_all[..., None], mask)  # (B, N, A)
+            anchor = tf.argmax(tf.cast(hit, tf.int32), axis=-1, output_type=tf.int32)
+            assigned = tf.logical_and(valid, tf.reduce_any(hit, axis=-1))
+        # Clamping puts centres on the right / bottom border into the last cell.
+        col = tf.clip_by_value(tf.cast(tf.floor(cx / stride), tf.int32), 0, grid_w - 1)
+        row = tf.clip_by_value(tf.cast(tf.floor(cy / stride), tf.int32), 0, grid_h - 1)
+        where = tf.stack([image_index, row, col, anchor], axis=-1)  # (B, N, 4)
+        # Unassigned GTs scatter -1 (a no-op for max) at a harmless in-range index.
+        where = tf.where(assigned[..., None], where, 0)
+        owner = tf.tensor_scatter_nd_max(
+            tf.fill([batch, grid_h, grid_w, mask.shape[0]], -1),
+            where,
+            tf.where(assigned, gt_index, -1),
+        )  # (B, H_l, W_l, A): the highest claiming GT index (the later GT wins), -1 if none
+        owner = tf.where(owner < 0, num_gt, owner)  # -> the zero row
+        level_true = tf.gather(features, tf.reshape(owner, [batch, -1]), axis=1, batch_dims=1)
+        y_true.append(
+            tf.reshape(level_true, [batch, grid_h, grid_w, mask.shape[0], 5 + num_classes])
+        )
+    return y_true

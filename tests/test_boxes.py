@@ -406,3 +406,135 @@ def test_box_coder_config_round_trip_and_errors():
         B.BoxCoder(mean=(0, 0, 0))
     with pytest.raises(ValueError, match="weights"):
         B.BoxCoder.from_weights((10, 10, -5, 5))
+
+
+# ----------------------------------------------------------------------------- YOLO offsets
+YOLO_WH = np.array([[10.0, 13.0], [16.0, 30.0], [33.0, 23.0]])
+LOG_1000 = math.log(1000.0)
+
+
+def np_yolo_decode(raw, anchors_wh, stride, clip=LOG_1000):
+    """float64 reference of the notes' decoding: (sigmoid(t) + c) * stride, a * exp(t)."""
+    raw = np.asarray(raw, np.float64)
+    h, w = raw.shape[-4], raw.shape[-3]
+    col, row = np.meshgrid(np.arange(w), np.arange(h))
+    sig = 1.0 / (1.0 + np.exp(-raw[..., :2]))
+    x = (sig[..., 0] + col[:, :, None]) * stride
+    y = (sig[..., 1] + row[:, :, None]) * stride
+    bw = anchors_wh[:, 0] * np.exp(np.minimum(raw[..., 2], clip))
+    bh = anchors_wh[:, 1] * np.exp(np.minimum(raw[..., 3], clip))
+    return np.stack([x - bw / 2, y - bh / 2, x + bw / 2, y + bh / 2], axis=-1)
+
+
+def _cells(h, w):
+    col, row = np.meshgrid(np.arange(w), np.arange(h))
+    return np.stack([col, row], axis=-1)[:, :, None, :].astype(np.float32)  # (H, W, 1, 2)
+
+
+def test_yolo_decode_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    raw = rng.normal(0, 2, (2, 3, 5, 3, 4)).astype(np.float32)
+    got = B.yolo_decode(raw, YOLO_WH, 8).numpy()
+    assert got.shape == (2, 3, 5, 3, 4)
+    np.testing.assert_allclose(got, np_yolo_decode(raw, YOLO_WH, 8), rtol=1e-5, atol=1e-4)
+
+
+def test_yolo_decode_hand_made():
+    raw = np.zeros((2, 3, 1, 4), np.float32)  # H=2, W=3, one anchor
+    raw[1, 2, 0] = [100.0, -100.0, math.log(2.0), 0.0]  # x to the right edge, y to the top edge
+    boxes = B.yolo_decode(raw, [[10.0, 20.0]], 32).numpy()
+    # tx = 0: centre of the cell, anchor size.
+    np.testing.assert_allclose(boxes[0, 0, 0], [16 - 5, 16 - 10, 16 + 5, 16 + 10])
+    # Cell (row 1, col 2): x = (1 + 2) * 32 = 96, y = (0 + 1) * 32 = 32, w = 20, h = 20.
+    np.testing.assert_allclose(boxes[1, 2, 0], [86, 22, 106, 42], atol=1e-4)
+
+
+def test_yolo_decode_encode_round_trip():
+    rng = np.random.default_rng(1)
+    raw = rng.normal(0, 2, (2, 4, 6, 3, 4)).astype(np.float32)
+    # log-size targets of tiny boxes lose digits to the cancellation x2 - x1 in float32.
+    raw[..., 2:] = np.clip(raw[..., 2:], -3, 3)
+    boxes = B.yolo_decode(raw, YOLO_WH, 16)
+    expected = np.concatenate(
+        [1 / (1 + np.exp(-raw[..., :2].astype(np.float64))), raw[..., 2:]], -1
+    )
+    targets = B.yolo_encode(boxes, YOLO_WH, 16, _cells(4, 6)).numpy()
+    assert targets.shape == raw.shape
+    np.testing.assert_allclose(targets, expected, atol=2e-5)
+    # Without explicit cells, the cell containing the centre is the one it was decoded in
+    # (|t| < 8 keeps sigmoid away from exactly 0 or 1 in float32).
+    np.testing.assert_allclose(B.yolo_encode(boxes, YOLO_WH, 16).numpy(), expected, atol=2e-5)
+    # The other way: targets -> raw (logit of the in-cell offset) -> the same boxes.
+    sx = rng.uniform(0.05, 0.95, (4, 6, 3, 2))
+    twh = rng.normal(0, 1, (4, 6, 3, 2))
+    raw2 = np.concatenate([np.log(sx / (1 - sx)), twh], -1).astype(np.float32)
+    boxes2 = B.yolo_decode(raw2, YOLO_WH, 16)
+    np.testing.assert_allclose(
+        B.yolo_encode(boxes2, YOLO_WH, 16).numpy(), np.concatenate([sx, twh], -1), atol=2e-5
+    )
+
+
+def test_yolo_encode_hand_made_and_degenerate():
+    # Centre (40, 20), size (20, 26) against anchor (10, 13), stride 16: cell (2, 1).
+    t = B.yolo_encode([[30.0, 7.0, 50.0, 33.0]], [[10.0, 13.0]], 16).numpy()
+    np.testing.assert_allclose(t, [[40 / 16 - 2, 20 / 16 - 1, math.log(2), math.log(2)]], atol=1e-6)
+    # An explicit (last) cell for a centre on the border gives the offset 1.
+    t = B.yolo_encode([[0.0, 0.0, 64.0, 64.0]], [[64.0, 64.0]], 32, [[1, 1]]).numpy()
+    np.testing.assert_allclose(t, [[0.0, 0.0, 0.0, 0.0]], atol=1e-6)
+    t = B.yolo_encode([[32.0, 32.0, 64.0, 64.0]], [[32.0, 32.0]], 32, [[1, 1]]).numpy()
+    np.testing.assert_allclose(t, [[0.5, 0.5, 0.0, 0.0]], atol=1e-6)
+    # Zero-size boxes: finite (log of the size epsilon).
+    t = B.yolo_encode([[5.0, 5.0, 5.0, 5.0]], [[10.0, 13.0]], 8).numpy()
+    assert np.all(np.isfinite(t))
+    np.testing.assert_allclose(t[0, 2], math.log(1e-6 / 10), rtol=1e-5)
+
+
+def test_yolo_decode_clamps_tw_and_stays_finite():
+    raw = tf.constant(
+        [[[[[0.0, 0.0, 100.0, -100.0], [1e4, -1e4, 1e4, -1e4], [0.0, 0.0, 6.0, 7.5]]]]]
+    )  # (1, H=1, W=1, A=3, 4)
+    with tf.GradientTape() as tape:
+        tape.watch(raw)
+        boxes = B.yolo_decode(raw, YOLO_WH, 32)
+        loss = tf.reduce_sum(B.aligned_iou(boxes, [[0.0, 0.0, 32.0, 32.0]], kind="ciou"))
+    grad = tape.gradient(loss, raw).numpy()
+    boxes = boxes.numpy()[0, 0, 0]
+    assert np.all(np.isfinite(boxes)) and np.isfinite(loss.numpy()) and np.all(np.isfinite(grad))
+    # tw = 100 and 1e4 are clamped at log(1000): the box is 1000 anchors wide; th = -100 -> 0.
+    np.testing.assert_allclose(boxes[0, 2] - boxes[0, 0], 10.0 * 1000, rtol=1e-5)
+    np.testing.assert_allclose(boxes[1, 2] - boxes[1, 0], 16.0 * 1000, rtol=1e-5)
+    assert boxes[0, 3] - boxes[0, 1] == pytest.approx(0.0, abs=1e-30)
+    # Below the clamp exp is untouched (6 < log 1000 = 6.91 < 7.5).
+    np.testing.assert_allclose(boxes[2, 2] - boxes[2, 0], 33.0 * math.exp(6.0), rtol=1e-5)
+    np.testing.assert_allclose(boxes[2, 3] - boxes[2, 1], 23.0 * 1000, rtol=1e-5)
+    assert B.YOLO_SCALE_CLIP == pytest.approx(math.log(1000.0))
+    # A clamped tw gets no gradient, an unclamped one does.
+    assert grad[0, 0, 0, 0, 2] == 0.0 and grad[0, 0, 0, 2, 2] != 0.0
+
+
+def test_yolo_decode_encode_errors():
+    with pytest.raises(ValueError, match="raw_offsets"):
+        B.yolo_decode(np.zeros((3, 3, 4), np.float32), YOLO_WH, 8)
+    with pytest.raises(ValueError, match="last dimension 4"):
+        B.yolo_decode(np.zeros((1, 3, 3, 3, 5), np.float32), YOLO_WH, 8)
+    with pytest.raises(ValueError, match="anchors_wh"):
+        B.yolo_decode(np.zeros((1, 3, 3, 3, 4), np.float32), np.ones((3, 3)), 8)
+    with pytest.raises(ValueError, match="stride"):
+        B.yolo_encode(np.zeros((2, 4), np.float32), YOLO_WH[:1], 0)
+    with pytest.raises(ValueError, match="cell_xy"):
+        B.yolo_encode(np.zeros((2, 4), np.float32), YOLO_WH[:1], 8, np.zeros((2, 3)))
+
+
+def test_yolo_decode_encode_under_xla():
+    rng = np.random.default_rng(2)
+    raw = rng.normal(0, 2, (2, 4, 4, 3, 4)).astype(np.float32)
+    raw[..., 2:] = np.clip(raw[..., 2:], -3, 3)
+
+    @tf.function(jit_compile=True)
+    def both(r):
+        boxes = B.yolo_decode(r, YOLO_WH, 8)
+        return boxes, B.yolo_encode(boxes, YOLO_WH, 8, _cells(4, 4))
+
+    boxes, targets = both(raw)
+    np.testing.assert_allclose(boxes.numpy(), np_yolo_decode(raw, YOLO_WH, 8), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(targets.numpy()[..., 2:], raw[..., 2:], atol=2e-5)

@@ -16,6 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlnotes import losses as L
+from dlnotes.anchors import YOLO_COCO_ANCHORS, YoloAnchors
+from dlnotes.boxes import pairwise_iou, yolo_decode
+from dlnotes.matching import assign_yolo_targets
 
 EXTREME = np.array([-1e4, -1e3, -104.0, -100.0, -30.0, -3.0, 0.0, 3.0, 30.0, 100.0, 104.0, 1e4])
 PARAMS = [(0.25, 2.0), (0.5, 0.0), (None, 1.5), (0.75, 0.5), (0.25, 5.0), (None, 0.0)]
@@ -418,3 +421,408 @@ def test_global_normalizer_sums_across_two_replicas():
     assert out["grad"] == pytest.approx([out["single"]] * 2, rel=1e-6)
     # ... and not with per-replica normalisers (the bug the global normaliser prevents).
     assert out["naive_grad"][0] != pytest.approx(out["single"], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- YOLO loss
+YOLO_ANCHORS = YoloAnchors(anchors=YOLO_COCO_ANCHORS / 6.5)  # 64 x 96 input: grids 2x3, 4x6, 8x12
+YOLO_HW = (64, 96)
+YOLO_C = 3
+LOG_1000 = math.log(1000.0)
+
+
+def np_sigmoid(z):
+    return np.exp(-np.logaddexp(0.0, -np.asarray(z, np.float64)))
+
+
+def np_bce_logits(y, z):
+    """Binary cross entropy of sigmoid(z) against y, float64, stable for any z."""
+    y, z = np.asarray(y, np.float64), np.asarray(z, np.float64)
+    return y * np.logaddexp(0.0, -z) + (1 - y) * np.logaddexp(0.0, z)
+
+
+def np_iou_matrix(a, b):
+    """float64 IoU of xyxy boxes (M, 4) x (N, 4) -> (M, N); 0 for empty unions."""
+    a, b = np.asarray(a, np.float64)[:, None], np.asarray(b, np.float64)[None]
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    area_a, area_b = (
+        np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)
+        for x in (a, b)
+    )
+    union = area_a + area_b - iw * ih
+    return np.divide(iw * ih, union, out=np.zeros_like(union), where=union > 0)
+
+
+def np_ciou(p, g, eps=1e-7):
+    """CIoU of two xyxy boxes from the paper (float64; alpha as a constant, eps as the package)."""
+    pw, ph = max(p[2] - p[0], 0.0), max(p[3] - p[1], 0.0)
+    gw, gh = max(g[2] - g[0], 0.0), max(g[3] - g[1], 0.0)
+    iw = max(min(p[2], g[2]) - max(p[0], g[0]), 0.0)
+    ih = max(min(p[3], g[3]) - max(p[1], g[1]), 0.0)
+    iou = iw * ih / (pw * ph + gw * gh - iw * ih + eps)
+    cw, ch = max(p[2], g[2]) - min(p[0], g[0]), max(p[3], g[3]) - min(p[1], g[1])
+    rho2 = ((p[0] + p[2] - g[0] - g[2]) ** 2 + (p[1] + p[3] - g[1] - g[3]) ** 2) / 4
+    v = 4 / math.pi**2 * (math.atan(gw / (gh + eps)) - math.atan(pw / (ph + eps))) ** 2
+    alpha = v / (1 - iou + v + eps)
+    return iou - rho2 / (cw**2 + ch**2 + eps) - alpha * v
+
+
+def np_ignore_mask(pred_boxes, gt_boxes, gt_valid, thresh):
+    """Per-image loop: best IoU with the image's own valid GTs > thresh."""
+    out = np.zeros(pred_boxes.shape[:2], bool)
+    for b in range(len(pred_boxes)):
+        gts = gt_boxes[b][gt_valid[b]]
+        if len(gts):
+            out[b] = np_iou_matrix(pred_boxes[b], gts).max(axis=1) > thresh
+    return out
+
+
+def np_yolo_loss(y_true, y_pred, anchors, image_hw, gt_boxes, gt_labels, thresh, box_loss):
+    """The YOLOv3 loss written cell by cell in float64 from the notes / keras-yolo3."""
+    height, width = image_hw
+    gt = np.asarray(gt_boxes, np.float64).copy()
+    gt[..., 0::2] = gt[..., 0::2].clip(0, width)
+    gt[..., 1::2] = gt[..., 1::2].clip(0, height)
+    valid = (gt_labels >= 0) & (gt[..., 2] > gt[..., 0]) & (gt[..., 3] > gt[..., 1])
+    sums = dict.fromkeys(("xy", "wh", "ciou", "objectness", "class"), 0.0)
+    num_ignored = 0
+    for level, (yt, yp) in enumerate(zip(y_true, y_pred, strict=True)):
+        yt, yp = np.asarray(yt, np.float64), np.asarray(yp, np.float64)
+        stride, awh = anchors.strides[level], anchors.level_anchors(level).astype(np.float64)
+        batch, grid_h, grid_w, num_a, _ = yt.shape
+        for b, i, j, a in np.ndindex(batch, grid_h, grid_w, num_a):
+            t, g = yp[b, i, j, a], yt[b, i, j, a]
+            x = (np_sigmoid(t[0]) + j) * stride
+            y = (np_sigmoid(t[1]) + i) * stride
+            w = awh[a, 0] * np.exp(min(t[2], LOG_1000))
+            h = awh[a, 1] * np.exp(min(t[3], LOG_1000))
+            pred = np.array([x - w / 2, y - h / 2, x + w / 2, y + h / 2])
+            gts = gt[b][valid[b]]
+            ignored = len(gts) > 0 and np_iou_matrix(pred[None], gts).max() > thresh
+            obj = g[4]
+            bce = np_bce_logits(obj, t[4])
+            sums["objectness"] += obj * bce + (1 - obj) * (not ignored) * bce
+            num_ignored += int(obj == 0 and ignored)
+            if obj == 0:
+                continue
+            scale = 2 - g[2] * g[3]
+            gx, gy, gw, gh = g[0] * width, g[1] * height, g[2] * width, g[3] * height
+            sums["xy"] += scale * (
+                np_bce_logits(gx / stride - j, t[0]) + np_bce_logits(gy / stride - i, t[1])
+            )
+            sums["wh"] += (
+                scale
+                * 0.5
+                * ((math.log(gw / awh[a, 0]) - t[2]) ** 2 + (math.log(gh / awh[a, 1]) - t[3]) ** 2)
+            )
+            true_box = [gx - gw / 2, gy - gh / 2, gx + gw / 2, gy + gh / 2]
+            sums["ciou"] += scale * (1 - np_ciou(pred, true_box))
+            sums["class"] += np_bce_logits(g[5:], t[5:]).sum()
+    batch = len(gt_boxes)
+    box = sums["xy"] + sums["wh"] if box_loss == "offset" else sums["ciou"]
+    out = {k: sums[k] / batch for k in ("xy", "wh", "objectness", "class")}
+    out["box"] = box / batch
+    out["total"] = out["box"] + out["objectness"] + out["class"]
+    return out, num_ignored
+
+
+def _yolo_case(seed=0, batch=2, num_gt=4):
+    """Random GTs (with padding), their targets, and predictions that put several anchors of
+    each positive cell close to the GT (so that negatives get ignored)."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 80, (batch, num_gt, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(4, 40, (batch, num_gt, 2))], -1).astype(np.float32)
+    labels = rng.integers(0, YOLO_C, (batch, num_gt)).astype(np.int32)
+    labels[-1, -1] = -1  # padding
+    y_true = [t.numpy() for t in assign_yolo_targets(boxes, labels, YOLO_ANCHORS, YOLO_HW, YOLO_C)]
+    y_pred = []
+    for level, yt in enumerate(y_true):
+        yp = rng.normal(0, 1.5, yt.shape)
+        stride, awh = YOLO_ANCHORS.strides[level], YOLO_ANCHORS.level_anchors(level)
+        for b, i, j, a in np.argwhere(yt[..., 4] > 0):
+            cx, cy, w, h = yt[b, i, j, a, :4] * np.array([YOLO_HW[1], YOLO_HW[0]] * 2)
+            sx = np.clip([cx / stride - j, cy / stride - i], 0.02, 0.98)
+            # Every anchor of the cell predicts (nearly) the GT box.
+            yp[b, i, j, :, :2] = np.log(sx / (1 - sx)) + rng.normal(0, 0.1, (len(awh), 2))
+            yp[b, i, j, :, 2:4] = np.log([w, h] / awh) + rng.normal(0, 0.1, (len(awh), 2))
+        y_pred.append(yp.astype(np.float32))
+    return boxes, labels, y_true, y_pred
+
+
+def ignore_mask_while_loop(pred_boxes, gt_boxes, gt_valid, ignore_thresh=0.5):
+    """keras-yolo3's ignore mask: a ``tf.while_loop`` over the images, each with a boolean_mask of
+    its valid GTs (dynamic shapes, so no XLA). Kept for comparison with the batched
+    :func:`dlnotes.losses.yolo_ignore_mask`."""
+    pred_boxes = tf.convert_to_tensor(pred_boxes, tf.float32)
+    gt_boxes = tf.convert_to_tensor(gt_boxes, tf.float32)
+    gt_valid = tf.convert_to_tensor(gt_valid, tf.bool)
+    batch = tf.shape(pred_boxes)[0]
+    masks = tf.TensorArray(tf.bool, size=batch)
+
+    def body(b, masks):
+        true_box = tf.boolean_mask(gt_boxes[b], gt_valid[b])  # (n, 4)
+        iou = pairwise_iou(pred_boxes[b], true_box)  # (M, n)
+        best_iou = tf.reduce_max(iou, axis=-1)  # the lowest float where n == 0
+        return b + 1, masks.write(b, best_iou > ignore_thresh)
+
+    _, masks = tf.while_loop(lambda b, masks: b < batch, body, [tf.constant(0), masks])
+    return masks.stack()
+
+
+def test_yolo_ignore_mask_hand_made_and_other_images():
+    pred = np.array(
+        [
+            [[0, 0, 10, 10], [0, 0, 10, 12], [20, 20, 30, 30], [0, 0, 20, 10]],
+            [[0, 0, 10, 10], [0, 0, 10, 12], [20, 20, 30, 30], [0, 0, 20, 10]],
+        ],
+        np.float32,
+    )
+    # Image 0: one GT equal to box 0 and a padded GT equal to box 2. Image 1: no valid GT at all.
+    gt = np.array(
+        [[[0, 0, 10, 10], [20, 20, 30, 30]], [[0, 0, 10, 10], [20, 20, 30, 30]]], np.float32
+    )
+    valid = np.array([[True, False], [False, False]])
+    mask = L.yolo_ignore_mask(pred, gt, valid).numpy()
+    # IoUs with the GT: 1, 100/120 = 0.83, 0, 100/200 = 0.5 (not > 0.5).
+    np.testing.assert_array_equal(mask, [[True, True, False, False], [False] * 4])
+    np.testing.assert_array_equal(
+        L.yolo_ignore_mask(pred, gt, valid, ignore_thresh=0.49).numpy()[0],
+        [True, True, False, True],
+    )
+    np.testing.assert_array_equal(
+        L.yolo_ignore_mask(pred, gt, valid, 1.0).numpy(), np.zeros((2, 4))
+    )
+    # The GTs of image 0 never make image 1 ignore, even when they are its own predictions.
+    mask = L.yolo_ignore_mask(pred, gt, [[True, True], [False, False]]).numpy()
+    np.testing.assert_array_equal(mask, [[True, True, True, False], [False] * 4])
+    # No GT column at all.
+    np.testing.assert_array_equal(
+        L.yolo_ignore_mask(pred, np.zeros((2, 0, 4)), np.zeros((2, 0), bool)).numpy(),
+        np.zeros((2, 4)),
+    )
+    with pytest.raises(ValueError, match="ignore_thresh"):
+        L.yolo_ignore_mask(pred, gt, valid, 1.5)
+    with pytest.raises(ValueError, match="gt_valid"):
+        L.yolo_ignore_mask(pred, gt, valid[0])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    data=st.data(),
+    batch=st.integers(1, 3),
+    num_pred=st.integers(1, 8),
+    num_gt=st.integers(0, 4),
+    thresh=st.sampled_from([0.0, 0.3, 0.5, 0.7]),
+)
+def test_yolo_ignore_mask_matches_per_image_loops(data, batch, num_pred, num_gt, thresh):
+    def boxes(n):
+        flat = data.draw(
+            st.lists(st.integers(0, 12), min_size=4 * batch * n, max_size=4 * batch * n)
+        )
+        b = np.array(flat, np.float64).reshape(batch, n, 4)
+        b[..., 2:] += b[..., :2]  # corner + size (zero sizes included)
+        return b
+
+    pred, gt = boxes(num_pred), boxes(num_gt)
+    flat = data.draw(st.lists(st.booleans(), min_size=batch * num_gt, max_size=batch * num_gt))
+    valid = np.array(flat, bool).reshape(batch, num_gt)
+    expected = np_ignore_mask(pred, gt, valid, thresh)
+    # IoUs within float32 rounding of the threshold may fall either way.
+    near = np.zeros_like(expected)
+    for b in range(batch):
+        if num_gt:
+            near[b] = (np.abs(np_iou_matrix(pred[b], gt[b]) - thresh) < 1e-5)[:, valid[b]].any(1)
+    got = L.yolo_ignore_mask(pred, gt, valid, thresh).numpy()
+    loop = ignore_mask_while_loop(pred, gt, valid, thresh).numpy()
+    assert got.shape == loop.shape == (batch, num_pred) and got.dtype == bool
+    np.testing.assert_array_equal(got[~near], expected[~near])
+    np.testing.assert_array_equal(got, loop)  # same IoU function: identical, ties included
+
+
+def test_yolo_ignore_mask_while_loop_equals_vectorised_on_a_level():
+    boxes, labels, _, y_pred = _yolo_case(seed=5)
+    pred = tf.reshape(yolo_decode(y_pred[2][..., :4], YOLO_ANCHORS.level_anchors(2), 8), [2, -1, 4])
+    valid = labels >= 0
+    got = L.yolo_ignore_mask(pred, boxes, valid).numpy()
+    assert 0 < got.sum() < got.size
+    np.testing.assert_array_equal(
+        got, tf.function(ignore_mask_while_loop)(pred, boxes, valid).numpy()
+    )
+
+
+@pytest.mark.parametrize("box_loss", ["offset", "ciou"])
+def test_yolo_loss_matches_float64_reference(box_loss):
+    boxes, labels, y_true, y_pred = _yolo_case(seed=0)
+    expected, num_ignored = np_yolo_loss(
+        y_true, y_pred, YOLO_ANCHORS, YOLO_HW, boxes, labels, 0.5, box_loss
+    )
+    assert num_ignored > 0  # the ignore mask matters in this case
+    got = L.yolo_loss(y_true, y_pred, YOLO_ANCHORS, YOLO_HW, boxes, labels, box_loss=box_loss)
+    assert set(got) == {"xy", "wh", "box", "objectness", "class", "total"}
+    for key, value in expected.items():
+        assert got[key].shape == () and got[key].dtype == tf.float32
+        assert float(got[key]) == pytest.approx(value, rel=2e-5, abs=1e-5), key
+    # Without ignoring, the objectness loss is larger by the ignored negatives' terms.
+    no_ignore, _ = np_yolo_loss(y_true, y_pred, YOLO_ANCHORS, YOLO_HW, boxes, labels, 1.0, box_loss)
+    got1 = L.yolo_loss(y_true, y_pred, YOLO_ANCHORS, YOLO_HW, boxes, labels, 1.0, box_loss)
+    assert float(got1["objectness"]) == pytest.approx(no_ignore["objectness"], rel=2e-5)
+    assert no_ignore["objectness"] > expected["objectness"] + 0.1
+
+
+def test_yolo_loss_per_image_sum_and_normalizer():
+    boxes, labels, y_true, y_pred = _yolo_case(seed=1, batch=3)
+    total = L.yolo_loss(y_true, y_pred, YOLO_ANCHORS, YOLO_HW, boxes, labels)
+    singles = [
+        L.yolo_loss(
+            [t[b : b + 1] for t in y_true],
+            [p[b : b + 1] for p in y_pred],
+            YOLO_ANCHORS,
+            YOLO_HW,
+            boxes[b : b + 1],
+            labels[b : b + 1],
+        )
+        for b in range(3)
+    ]
+    # Images are independent (ignore masks use only their own GTs); default divisor = batch.
+    for key in total:
+        assert float(total[key]) == pytest.approx(sum(float(s[key]) for s in singles) / 3, rel=1e-5)
+    custom = L.yolo_loss(
+        y_true, y_pred, YOLO_ANCHORS, YOLO_HW, boxes, labels, batch_normalizer=12.0
+    )
+    assert float(custom["total"]) == pytest.approx(float(total["total"]) * 3 / 12, rel=1e-6)
+
+
+def test_yolo_loss_gradients_offset_analytic_and_stop_gradient():
+    boxes, labels, y_true, y_pred = _yolo_case(seed=2)
+    preds = [tf.Variable(p) for p in y_pred]
+    with tf.GradientTape() as tape:
+        loss = L.yolo_loss(y_true, preds, YOLO_ANCHORS, YOLO_HW, boxes, labels)["total"]
+    grads = tape.gradient(loss, preds)
+    for level, (yt, yp, g) in enumerate(zip(y_true, y_pred, grads, strict=True)):
+        g = g.numpy()
+        obj = yt[..., 4] > 0
+        # Box offsets get gradients from the xy / wh terms at positives only: the ignore mask
+        # (the only place where negatives meet decoded boxes) is not differentiated.
+        np.testing.assert_array_equal(g[~obj][:, :4], 0.0)
+        stride, awh = YOLO_ANCHORS.strides[level], YOLO_ANCHORS.level_anchors(level)
+        for b, i, j, a in np.argwhere(obj):
+            t, tr = yp[b, i, j, a].astype(np.float64), yt[b, i, j, a].astype(np.float64)
+            scale = 2 - tr[2] * tr[3]
+            sx = tr[0] * YOLO_HW[1] / stride - j
+            tw = math.log(tr[2] * YOLO_HW[1] / awh[a, 0])
+            np.testing.assert_allclose(
+                g[b, i, j, a, 0], scale * (np_sigmoid(t[0]) - sx) / 2, rtol=1e-4, atol=1e-6
+            )
+            np.testing.assert_allclose(
+                g[b, i, j, a, 2], scale * (t[2] - tw) / 2, rtol=1e-4, atol=1e-6
+            )
+            # Class logits: (sigmoid(z) - y) / batch.
+            np.testing.assert_allclose(
+                g[b, i, j, a, 5:], (np_sigmoid(t[5:]) - tr[5:]) / 2, rtol=1e-4, atol=1e-6
+            )
+
+
+EXTREME_CASES = [
+    "logits+100",
+    "logits-100",
+    "tw+-100",
+    "zero_size_gt",
+    "image_without_gt",
+    "all_padding",
+]
+
+
+@pytest.mark.parametrize("case", EXTREME_CASES)
+@pytest.mark.parametrize("box_loss", ["offset", "ciou"])
+def test_yolo_loss_finite_values_and_gradients(case, box_loss):
+    boxes, labels, y_true, y_pred = _yolo_case(seed=3)
+    if case in ("logits+100", "logits-100"):
+        value = 100.0 if case == "logits+100" else -100.0
+        y_pred = [np.full_like(p, value) for p in y_pred]
+    elif case == "tw+-100":
+        for p in y_pred:
+            p[..., 2] = 100.0
+            p[..., 3] = -100.0
+    elif case == "zero_size_gt":
+        boxes[0, :, 2] = boxes[0, :, 0]  # zero width, valid labels: not assigned
+        boxes[1, :, 3] = boxes[1, :, 1] - 5  # negative height
+    elif case == "image_without_gt":
+        labels[1] = -1
+    else:
+        labels[:] = -1
+    if case in ("zero_size_gt", "image_without_gt", "all_padding"):
+        y_true = [
+            t.numpy() for t in assign_yolo_targets(boxes, labels, YOLO_ANCHORS, YOLO_HW, YOLO_C)
+        ]
+    preds = [tf.Variable(p) for p in y_pred]
+    with tf.GradientTape() as tape:
+        out = L.yolo_loss(y_true, preds, YOLO_ANCHORS, YOLO_HW, boxes, labels, box_loss=box_loss)
+    grads = tape.gradient(out["total"], preds)
+    assert all(np.isfinite(float(v)) for v in out.values())
+    assert all(np.all(np.isfinite(g.numpy())) for g in grads)
+    expected, _ = np_yolo_loss(y_true, y_pred, YOLO_ANCHORS, YOLO_HW, boxes, labels, 0.5, box_loss)
+    for key, value in expected.items():
+        assert float(out[key]) == pytest.approx(value, rel=1e-4, abs=1e-4), key
+    if case in ("zero_size_gt", "all_padding"):
+        # Nothing assigned: only the negative objectness term, log(1 + e^z) summed over cells.
+        assert all(not t[..., 4].any() for t in y_true)
+        for key in ("xy", "wh", "box", "class"):
+            assert float(out[key]) == 0.0
+        negatives = sum(np.logaddexp(0.0, p[..., 4].astype(np.float64)).sum() for p in y_pred) / 2
+        assert float(out["objectness"]) == pytest.approx(negatives, rel=1e-5)
+    if case == "image_without_gt":
+        assert all(not t[1, ..., 4].any() for t in y_true)
+        # The empty image gets gradients only on its objectness logits.
+        for g in grads:
+            g = g.numpy()[1]
+            np.testing.assert_array_equal(g[..., :4], 0.0)
+            np.testing.assert_array_equal(g[..., 5:], 0.0)
+            assert np.abs(g[..., 4]).sum() > 0
+
+
+def test_yolo_assign_and_loss_under_xla():
+    boxes, labels, y_true, y_pred = _yolo_case(seed=4)
+    for rule, box_loss in (("per_level", "offset"), ("best_of_all", "ciou")):
+
+        @tf.function(jit_compile=True)
+        def step(b, lab, preds, rule=rule, box_loss=box_loss):
+            targets = assign_yolo_targets(b, lab, YOLO_ANCHORS, YOLO_HW, YOLO_C, rule=rule)
+            with tf.GradientTape() as tape:
+                tape.watch(preds)
+                out = L.yolo_loss(targets, preds, YOLO_ANCHORS, YOLO_HW, b, lab, box_loss=box_loss)
+            return out, tape.gradient(out["total"], preds)
+
+        out, grads = step(boxes, labels, [tf.constant(p) for p in y_pred])
+        targets = assign_yolo_targets(boxes, labels, YOLO_ANCHORS, YOLO_HW, YOLO_C, rule=rule)
+        eager = L.yolo_loss(
+            targets, y_pred, YOLO_ANCHORS, YOLO_HW, boxes, labels, box_loss=box_loss
+        )
+        expected, _ = np_yolo_loss(
+            [t.numpy() for t in targets],
+            y_pred,
+            YOLO_ANCHORS,
+            YOLO_HW,
+            boxes,
+            labels,
+            0.5,
+            box_loss,
+        )
+        for key in eager:
+            assert float(out[key]) == pytest.approx(float(eager[key]), rel=1e-5, abs=1e-6), key
+            assert float(out[key]) == pytest.approx(expected[key], rel=2e-5, abs=1e-5), key
+        assert all(np.all(np.isfinite(g.numpy())) for g in grads)
+
+
+def test_yolo_loss_errors():
+    boxes, labels, y_true, y_pred = _yolo_case(seed=0)
+    args = (YOLO_ANCHORS, YOLO_HW, boxes, labels)
+    with pytest.raises(ValueError, match="box_loss"):
+        L.yolo_loss(y_true, y_pred, *args, box_loss="giou")
+    with pytest.raises(ValueError, match="3 levels"):
+        L.yolo_loss(y_true[:2], y_pred[:2], *args)
+    with pytest.raises(ValueError, match=r"y_pred\[1\]"):
+        L.yolo_loss(y_true, [y_pred[0], y_pred[2], y_pred[1]], *args)
+    with pytest.raises(ValueError, match="same shape"):
+        L.yolo_loss(y_true, [p[..., :-1] for p in y_pred], *args)
+    with pytest.raises(ValueError, match="YoloAnchors"):
+        L.yolo_loss(y_true, y_pred, YOLO_ANCHORS.anchors, YOLO_HW, boxes, labels)

@@ -3,10 +3,17 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from dlnotes.matching import Matches, gather_matched, match_anchors, sample_balanced
+from dlnotes.anchors import YOLO_COCO_ANCHORS, YoloAnchors, wh_iou
+from dlnotes.matching import (
+    Matches,
+    assign_yolo_targets,
+    gather_matched,
+    match_anchors,
+    sample_balanced,
+)
 
 F = np.float32
 
@@ -409,3 +416,257 @@ def test_per_level_forcing_takes_one_anchor_when_many_small_anchors_tie_inside_a
     np.testing.assert_array_equal(states, [[1, 0, 0, 0, 1, 0]])
     states, _, _ = _match(anchors, gt, [[0]], force_best="global")
     np.testing.assert_array_equal(states, [[0, 0, 0, 0, 1, 0]])
+
+
+# ----------------------------------------------------------------------------- YOLO targets
+COCO = YoloAnchors()
+SMALL = YoloAnchors(anchors=YOLO_COCO_ANCHORS / 6.5)  # for a 64 x 96 input: grids 2x3, 4x6, 8x12
+SMALL_HW = (64, 96)
+
+
+def _yolo(gt_boxes, gt_labels, anchors=COCO, image_hw=(416, 416), num_classes=3, **kwargs):
+    out = assign_yolo_targets(
+        np.asarray(gt_boxes, F),
+        np.asarray(gt_labels, np.int32),
+        anchors,
+        image_hw,
+        num_classes,
+        **kwargs,
+    )
+    return [y.numpy() for y in out]
+
+
+def _reference_yolo(gt_boxes, gt_labels, anchors, image_hw, num_classes, rule):
+    """Loop-based float64 reference written from the docstring (keras-yolo3's loop plus the
+    documented clipping, clamping and "per_level" rule). Returns (y_true list, ambiguous) where
+    ambiguous flags a near-tie between anchors (float32 and float64 may then pick differently)."""
+    height, width = image_hw
+    gt_boxes = np.asarray(gt_boxes, np.float64)
+    batch, num_gt = gt_labels.shape
+    a_per_level = len(anchors.masks[0])
+    grids = [(height // s, width // s) for s in anchors.strides]
+    out = [np.zeros((batch, gh, gw, a_per_level, 5 + num_classes)) for gh, gw in grids]
+    ambiguous = False
+    for b in range(batch):
+        for n in range(num_gt):  # in order: a later GT overwrites an earlier one
+            x1, y1, x2, y2 = gt_boxes[b, n]
+            x1, x2 = np.clip([x1, x2], 0, width)
+            y1, y2 = np.clip([y1, y2], 0, height)
+            w, h, label = x2 - x1, y2 - y1, gt_labels[b, n]
+            if label < 0 or w <= 0 or h <= 0:
+                continue
+            iou = wh_iou([[w, h]], anchors.anchors)[0]  # (K,)
+            for level, mask in enumerate(anchors.masks):
+                candidates = iou[list(mask)] if rule == "per_level" else iou
+                top = np.sort(candidates)[::-1]
+                ambiguous |= len(top) > 1 and top[0] - top[1] < 1e-5
+                if rule == "per_level":
+                    a = int(np.argmax(candidates))
+                else:
+                    k = int(np.argmax(iou))
+                    if k not in mask:
+                        continue
+                    a = mask.index(k)
+                stride = anchors.strides[level]
+                gh, gw = grids[level]
+                cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+                col, row = min(int(cx // stride), gw - 1), min(int(cy // stride), gh - 1)
+                cell = np.zeros(5 + num_classes)
+                cell[:5] = [cx / width, cy / height, w / width, h / height, 1.0]
+                cell[5 + label] = 1.0
+                out[level][b, row, col, a] = cell
+    return out, ambiguous
+
+
+def _positives(y_true):
+    return [np.argwhere(y[..., 4] > 0).tolist() for y in y_true]
+
+
+def test_assign_yolo_hand_made_both_rules():
+    # GT 0: 40x70 at centre (30, 45). Shape IoUs: (30, 61) 0.654 is the best of all 9 (level 1,
+    # index 0); level 0's best is (116, 90) (index 0), level 2's (33, 23) (index 2).
+    # GT 1: 200x200 at (200, 200): (156, 198) 0.772 is the best of all (level 0, index 1);
+    # level 1: (59, 119) (index 2); level 2: (33, 23) (index 2).
+    gt = [[[10, 10, 50, 80], [100, 100, 300, 300], [0, 0, 0, 0]]]
+    labels = [[0, 2, -1]]
+    per_level = _yolo(gt, labels)
+    assert [y.shape for y in per_level] == [(1, 13, 13, 3, 8), (1, 26, 26, 3, 8), (1, 52, 52, 3, 8)]
+    assert _positives(per_level) == [
+        [[0, 1, 0, 0], [0, 6, 6, 1]],
+        [[0, 2, 1, 0], [0, 12, 12, 2]],
+        [[0, 5, 3, 2], [0, 25, 25, 2]],
+    ]
+    best = _yolo(gt, labels, rule="best_of_all")
+    assert _positives(best) == [[[0, 6, 6, 1]], [[0, 2, 1, 0]], []]
+    s = 416.0
+    np.testing.assert_allclose(best[0][0, 6, 6, 1], [200 / s] * 4 + [1, 0, 0, 1], rtol=1e-6)
+    np.testing.assert_allclose(best[1][0, 2, 1, 0], [30 / s, 45 / s, 40 / s, 70 / s, 1, 1, 0, 0])
+    # The same values on every level under "per_level"; zeros everywhere else.
+    for y, (row, col, a) in zip(per_level, [(6, 6, 1), (12, 12, 2), (25, 25, 2)], strict=True):
+        np.testing.assert_allclose(y[0, row, col, a], [200 / s] * 4 + [1, 0, 0, 1], rtol=1e-6)
+    total = sum(float(np.abs(y).sum()) for y in per_level)
+    expected = 3 * (4 * 200 / s + 2) + 3 * ((30 + 45 + 40 + 70) / s + 2)
+    assert total == pytest.approx(expected, rel=1e-6)
+
+
+def test_assign_yolo_one_positive_per_gt_or_per_level():
+    rng = np.random.default_rng(0)
+    # 12 GTs of varied shapes, each in its own 64-pixel block: no collisions on any level.
+    corners = np.array([(x, y) for y in range(0, 384, 128) for x in range(0, 512, 128)])[:12]
+    wh = rng.uniform(4, 60, (12, 2))
+    gt = np.concatenate([corners + 2, corners + 2 + wh], -1)[None]
+    labels = rng.integers(0, 3, (1, 12))
+    best = _yolo(gt, labels, image_hw=(384, 512), rule="best_of_all")
+    per_level = _yolo(gt, labels, image_hw=(384, 512))
+    assert sum(int(y[..., 4].sum()) for y in best) == 12
+    assert [int(y[..., 4].sum()) for y in per_level] == [12, 12, 12]
+    # best_of_all puts each GT on the level whose mask holds its best anchor of all 9.
+    best_k = wh_iou(wh, COCO.anchors).argmax(axis=1)
+    expected_counts = [int(np.isin(best_k, m).sum()) for m in COCO.masks]
+    assert [int(y[..., 4].sum()) for y in best] == expected_counts
+    # Class sums: every positive carries its own one-hot label.
+    for y in per_level:
+        np.testing.assert_array_equal(
+            y[..., 5:].sum(axis=(0, 1, 2, 3)), np.bincount(labels[0], minlength=3)
+        )
+
+
+def test_assign_yolo_collisions_later_gt_wins():
+    box = [100, 100, 140, 150]
+    other = [101, 101, 139, 149]  # same cells and best anchors on every level, other size
+    for labels, winner in (([[0, 1, 2]], 2), ([[2, 1, 0]], 0)):
+        y = _yolo([[box, box, box]], labels)
+        for level in y:
+            assert int(level[..., 4].sum()) == 1
+            assert level[..., 5:].sum(axis=(0, 1, 2, 3)).argmax() == winner
+    y = _yolo([[other, box, box]], [[0, 1, -1]])  # the padding after them claims nothing
+    for level in y:
+        (pos,) = np.argwhere(level[..., 4] > 0)
+        np.testing.assert_allclose(
+            level[tuple(pos)][:4], [120 / 416, 125 / 416, 40 / 416, 50 / 416]
+        )
+        np.testing.assert_array_equal(level[tuple(pos)][5:], [0, 1, 0])
+    y = _yolo([[box, other]], [[0, 1]])
+    for level in y:
+        (pos,) = np.argwhere(level[..., 4] > 0)
+        np.testing.assert_allclose(
+            level[tuple(pos)][:4], [120 / 416, 125 / 416, 38 / 416, 48 / 416]
+        )
+    # Collisions are resolved per image: the same box in another image is kept.
+    y = _yolo([[box, box], [box, [0, 0, 0, 0]]], [[0, 1], [2, -1]])
+    for level in y:
+        assert level[0, ..., 4].sum() == 1 and level[1, ..., 4].sum() == 1
+        assert level[0, ..., 6].sum() == 1 and level[1, ..., 7].sum() == 1
+
+
+def test_assign_yolo_border_padding_and_degenerate_boxes():
+    gt = [
+        [
+            [384, 384, 448, 448],  # centre (416, 416) on the corner: clipped to 32x32 at (400, 400)
+            [420, 10, 460, 50],  # entirely outside: zero width after clipping
+            [50, 50, 90, 90],  # padding label
+            [60, 60, 60, 90],  # zero width
+            [70, 70, 65, 90],  # negative width
+            [80, 80, 120, 75],  # negative height
+        ]
+    ]
+    labels = [[1, 0, -1, 0, 2, 1]]
+    for rule in ("per_level", "best_of_all"):
+        y = _yolo(gt, labels, rule=rule)
+        positives = _positives(y)
+        flat = [p for level in positives for p in level]
+        assert len(flat) == (3 if rule == "per_level" else 1)
+        for level, cells in enumerate(positives):
+            stride = 32 // 2**level
+            for _, row, col, a in cells:
+                assert (row, col) == (400 // stride, 400 // stride)
+                np.testing.assert_allclose(
+                    y[level][0, row, col, a], [400 / 416, 400 / 416, 32 / 416, 32 / 416, 1, 0, 1, 0]
+                )
+    # A box on the bottom-right border lands in the last cell of every level.
+    y = _yolo([[[408, 404, 420, 416]]], [[0]])  # clipped to x2 = 416: centre (412, 410)
+    assert _positives(y) == [[[0, 12, 12, 0]], [[0, 25, 25, 0]], [[0, 51, 51, 0]]]
+    np.testing.assert_allclose(y[2][0, 51, 51, 0, :4], np.array([412, 410, 8, 12]) / 416)
+    # Nothing valid at all, or no GT column: all zeros of the right shapes.
+    for boxes, labs in (([[[0, 0, 10, 10]]], [[-1]]), (np.zeros((2, 0, 4)), np.zeros((2, 0)))):
+        y = _yolo(boxes, labs)
+        assert [t.shape[:4] for t in y] == [
+            (len(labs), 13, 13, 3),
+            (len(labs), 26, 26, 3),
+            (len(labs), 52, 52, 3),
+        ]
+        assert all(not t.any() for t in y)
+
+
+def test_assign_yolo_anchor_outside_every_mask():
+    # Two levels using only the 6 largest anchors: a small GT's best of all 9 anchors is on no
+    # level, so best_of_all assigns nothing while per_level still assigns one per level.
+    anchors = YoloAnchors(masks=((6, 7, 8), (3, 4, 5)), strides=(32, 16))
+    gt, labels = [[[100, 100, 110, 113]]], [[0]]
+    assert sum(int(y[..., 4].sum()) for y in _yolo(gt, labels, anchors, rule="best_of_all")) == 0
+    assert [int(y[..., 4].sum()) for y in _yolo(gt, labels, anchors)] == [1, 1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    data=st.data(),
+    batch=st.integers(1, 2),
+    num_gt=st.integers(0, 7),
+    rule=st.sampled_from(["per_level", "best_of_all"]),
+)
+def test_assign_yolo_matches_reference(data, batch, num_gt, rule):
+    coords = st.integers(-12, 100)
+    boxes = np.array(
+        data.draw(
+            st.lists(
+                st.tuples(coords, coords, st.integers(-2, 50), st.integers(-2, 50)),
+                min_size=batch * num_gt,
+                max_size=batch * num_gt,
+            )
+        ),
+        np.float64,
+    ).reshape(batch, num_gt, 4)
+    boxes[..., 2:] += boxes[..., :2]  # x1, y1, w, h -> xyxy
+    labels = np.array(
+        data.draw(st.lists(st.integers(-1, 2), min_size=batch * num_gt, max_size=batch * num_gt)),
+        np.int32,
+    ).reshape(batch, num_gt)
+    expected, ambiguous = _reference_yolo(boxes, labels, SMALL, SMALL_HW, 3, rule)
+    assume(not ambiguous)
+    got = _yolo(boxes, labels, SMALL, SMALL_HW, rule=rule)
+    for g, e in zip(got, expected, strict=True):
+        assert g.shape == e.shape and g.dtype == np.float32
+        np.testing.assert_allclose(g, e, atol=1e-6)
+
+
+def test_assign_yolo_under_xla_matches_eager():
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(-10, 90, (3, 9, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(0, 40, (3, 9, 2))], -1).astype(F)
+    labels = rng.integers(-1, 4, (3, 9)).astype(np.int32)
+    for rule in ("per_level", "best_of_all"):
+        fn = tf.function(
+            lambda b, lab, r=rule: assign_yolo_targets(b, lab, SMALL, SMALL_HW, 4, rule=r),
+            jit_compile=True,
+        )
+        expected, _ = _reference_yolo(boxes, labels, SMALL, SMALL_HW, 4, rule)
+        for g, e in zip(fn(boxes, labels), expected, strict=True):
+            np.testing.assert_allclose(g.numpy(), e, atol=1e-6)
+
+
+def test_assign_yolo_errors():
+    gt, labels = np.zeros((1, 1, 4), F), np.zeros((1, 1), np.int32)
+    with pytest.raises(ValueError, match="rule"):
+        assign_yolo_targets(gt, labels, COCO, (416, 416), 3, rule="global")
+    with pytest.raises(ValueError, match="YoloAnchors"):
+        assign_yolo_targets(gt, labels, COCO.anchors, (416, 416), 3)
+    with pytest.raises(ValueError, match="divisible"):
+        assign_yolo_targets(gt, labels, COCO, (400, 416), 3)
+    with pytest.raises(ValueError, match="num_classes"):
+        assign_yolo_targets(gt, labels, COCO, (416, 416), 0)
+    with pytest.raises(ValueError, match="gt_boxes"):
+        assign_yolo_targets(np.zeros((1, 4), F), labels, COCO, (416, 416), 3)
+    with pytest.raises(ValueError, match="gt_labels"):
+        assign_yolo_targets(gt, np.zeros((1, 2), np.int32), COCO, (416, 416), 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_classes=3"):
+        assign_yolo_targets([[[0, 0, 10, 10]]], [[3]], COCO, (416, 416), 3)

@@ -3,12 +3,15 @@ and returns padded detections from ``predict``.
 
 * :class:`~dlnotes.models.detector.Detector` — the Keras contract they share (compile / fit /
   evaluate / predict, label checks, XLA);
-* :class:`~dlnotes.models.retinanet.RetinaNet` — ResNet + FPN + focal loss (chapter 3).
+* :class:`~dlnotes.models.retinanet.RetinaNet` — ResNet + FPN + focal loss (chapter 3);
+* :class:`~dlnotes.models.yolov3.YOLOv3` — Darknet-53 + concat FPN + YOLO loss (chapter 4).
 """
 
 from dlnotes.models.detector import Detector
 from dlnotes.models.retinanet import PRESETS as RETINANET_PRESETS
 from dlnotes.models.retinanet import RetinaNet, RetinaNetHead, flatten_levels, prior_bias
+from dlnotes.models.yolov3 import PRESETS as YOLOV3_PRESETS
+from dlnotes.models.yolov3 import YoloHead, YOLOv3
 
 __all__ = [
     "Detector",
@@ -17,4 +20,7 @@ __all__ = [
     "RetinaNetHead",
     "flatten_levels",
     "prior_bias",
+    "YOLOV3_PRESETS",
+    "YOLOv3",
+    "YoloHead",
 ]
