@@ -5,7 +5,7 @@ Two halves:
 * :func:`coco_evaluate` runs ``COCOeval`` (boxes or keypoints) on a ground truth given as a
   ``COCO`` object, a JSON path or a dict, and returns an :class:`EvalResult` with named metrics;
   :func:`predictions_to_coco` turns the padded prediction dict of the post-processing into COCO
-  result dicts; :func:`precision_recall_curve` reads a PR curve out of the evaluated ``COCOeval``.
+  result dicts; :func:`evaluate_detector` does both for a detector on a data set; :func:`precision_recall_curve` reads a PR curve out of the evaluated ``COCOeval``.
 * :func:`match_detections` and :func:`average_precision` reproduce, for one class and one IoU
   threshold, exactly what ``COCOeval.evaluateImg`` and ``COCOeval.accumulate`` do (greedy matching
   in descending score order, 101-point interpolated precision). Chapter 0 uses them to show that
@@ -36,10 +36,12 @@ __all__ = [
     "BBOX_METRICS",
     "COCO_KEYPOINT_SIGMAS",
     "DEFAULT_KEYPOINT_SIGMA",
+    "DetectorEvaluation",
     "EvalResult",
     "KEYPOINT_METRICS",
     "average_precision",
     "coco_evaluate",
+    "evaluate_detector",
     "match_dataset",
     "match_detections",
     "precision_recall_curve",
@@ -885,3 +887,63 @@ def simulate_detections(
         out["scores"][b, : len(mine)] = scores[mine]
         out["labels"][b, : len(mine)] = labels[mine]
     return out
+
+
+@dataclass
+class DetectorEvaluation:
+    """The outcome of :func:`evaluate_detector`.
+
+    Attributes:
+        result: the :class:`EvalResult` of ``COCOeval`` (``result.stats["AP50"]`` ...).
+        detections: the COCO result dicts, in original-image pixels.
+        samples: ``(images, targets, predictions)`` of the first ``keep`` images as NumPy
+            arrays in model-input pixels (for drawing), or None when ``keep=0``.
+    """
+
+    result: EvalResult
+    detections: list
+    samples: tuple | None = None
+
+
+def evaluate_detector(model, dataset, batch_size: int = 50, image_size=None, keep: int = 0):
+    """COCO box mAP of a dlnotes detector on a :class:`~dlnotes.data.CocoDataset`.
+
+    Every image is letterboxed to the model's input size (as in training), run through
+    ``model.predict_on_batch`` (padded detections), mapped back to original-image pixels by
+    :func:`predictions_to_coco` and evaluated with :func:`coco_evaluate`.
+
+    Args:
+        model: a detector whose ``predict_on_batch`` returns the padded detection dict and,
+            unless ``image_size`` is given, with an ``image_size`` attribute.
+        dataset: a :class:`~dlnotes.data.CocoDataset`.
+        batch_size: images per ``predict_on_batch`` call.
+        image_size: model input ``(height, width)``; default ``model.image_size``.
+        keep: how many images (from the start) to return in ``samples`` for drawing.
+
+    Returns:
+        A :class:`DetectorEvaluation`.
+    """
+    size = tuple(image_size or model.image_size)
+    batches = dataset.to_tf_dataset(batch_size=batch_size, image_size=size, with_meta=True)
+    detections, kept = [], []
+    for images, targets, meta in batches:
+        predictions = {k: np.asarray(v) for k, v in model.predict_on_batch(images).items()}
+        detections += predictions_to_coco(
+            predictions,
+            meta["image_id"],
+            dataset.label_to_category,
+            scale=meta["scale"],
+            offset=meta["offset"],
+        )
+        if sum(len(k[0]) for k in kept) < keep:
+            targets = {k: np.asarray(v) for k, v in targets.items()}
+            kept.append((np.asarray(images), targets, predictions))
+    samples = None
+    if keep:
+        images = np.concatenate([k[0] for k in kept])[:keep]
+        targets = {key: np.concatenate([k[1][key] for k in kept])[:keep] for key in kept[0][1]}
+        predictions = {
+            key: np.concatenate([k[2][key] for k in kept])[:keep] for key in kept[0][2]
+        }
+        samples = (images, targets, predictions)
+    return DetectorEvaluation(coco_evaluate(dataset.coco, detections), detections, samples)

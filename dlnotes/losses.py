@@ -322,6 +322,7 @@ def yolo_loss(
     ignore_thresh=0.5,
     box_loss="offset",
     batch_normalizer=None,
+    ignore_mask_fn=None,
 ):
     """The YOLOv3 loss (keras-yolo3 / the notes), summed over levels, per image.
 
@@ -364,6 +365,8 @@ def yolo_loss(
         ignore_thresh: IoU above which a negative prediction is ignored (0.5; 1 ignores none).
         box_loss: ``"offset"`` (the xy + wh losses) or ``"ciou"`` (the CIoU loss).
         batch_normalizer: optional divisor (scalar); default the global batch size.
+        ignore_mask_fn: optional replacement of :func:`yolo_ignore_mask` (same signature), e.g.
+            keras-yolo3's per-image loop in ``benchmarks/yolo_ignore_mask.py``.
 
     Returns:
         Dict of float32 scalars ``{"xy", "wh", "box", "objectness", "class", "total"}``. ``box``
@@ -438,7 +441,7 @@ def yolo_loss(
             terms["ciou"] += tf.reduce_sum(obj * scale * (1.0 - ciou))
 
         batch = tf.shape(pred)[0]
-        ignore = yolo_ignore_mask(
+        ignore = (ignore_mask_fn or yolo_ignore_mask)(
             tf.reshape(pred_xyxy, [batch, -1, 4]), gt_boxes, gt_valid, ignore_thresh
         )
         keep_negative = 1.0 - tf.cast(tf.reshape(ignore, tf.shape(obj)), tf.float32)

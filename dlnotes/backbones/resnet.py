@@ -16,19 +16,29 @@ Outputs
     ``backbone.outputs[i].shape[-1]``, both of which survive ``save`` / ``load_model``. C2
     (stride 4) is ``backbone.get_layer("conv2_block{n}_out").output`` for a neck that needs it.
 
-Two families, two layouts (both with the same layer-naming scheme as keras.applications:
-``conv1_conv``, ``conv2_block1_1_conv``, ``conv2_block1_0_bn`` (shortcut), ``..._add``, ``..._out``):
+Two families, two layouts, both with keras.applications' layer-naming scheme (``conv1_conv``,
+``conv2_block1_1_conv``, ``conv2_block1_0_bn`` (shortcut), ``..._add``, ``..._out``).
+No convolution has a bias in either: each one feeds a BatchNorm, whose beta makes a bias
+redundant (torchvision, keras-hub and Detectron have none), and a bias would cost an add and its
+gradient on every feature map of a train step.
 
 * ``resnet50``, ``resnet101``, ``resnet152`` follow ``keras.applications.ResNet50/101/152``
-  layer for layer (ResNet v1: stride on the first 1x1 conv of a block, a bias on every conv,
+  layer for layer but for the conv biases (ResNet v1: stride on the first 1x1 conv of a block,
   BatchNorm epsilon 1.001e-5). Their weights copy by layer name from keras.applications
-  (:func:`copy_weights_by_name`), which is how ``weights="imagenet"`` works.
+  (:func:`copy_weights_by_name`, which folds each keras.applications conv bias exactly into the
+  following BatchNorm's moving mean); that is how ``weights="imagenet"`` works.
+  ResNet-50 has 23,561,152 parameters, exactly keras-hub's ResNet-50. keras.applications'
+  ``include_top=False`` ResNet-50 has 23,587,712: + 26,560 conv biases, one per BatchNorm
+  channel. torchvision's ResNet-50 without its fc layer has 23,508,032 = 23,561,152 - 2 x 26,560,
+  our *trainable* count: torch keeps BatchNorm's running mean and variance as buffers, not
+  parameters.
 * ``resnet18``, ``resnet34`` (basic blocks), ``resnext50_32x4d``, ``resnext101_32x4d`` (grouped
-  bottlenecks) and ``resnet_tiny`` follow torchvision's ``torchvision.models.resnet``: no conv
-  bias, BatchNorm epsilon 1e-5, the stride on the (first) 3x3 conv of a block (for bottlenecks
-  this is "ResNet v1.5"), and torch's symmetric padding for stride-2 convs (an explicit ``ZeroPadding2D`` before a "valid" conv, because
-  Keras' "same" pads only bottom/right at stride 2). Trainable parameter counts equal
-  torchvision's published figures minus the 1000-class fc layer.
+  bottlenecks) and ``resnet_tiny`` follow torchvision's ``torchvision.models.resnet``: BatchNorm
+  epsilon 1e-5, the stride on the (first) 3x3 conv of a block (for bottlenecks this is
+  "ResNet v1.5"), and torch's symmetric padding for stride-2 convs (an explicit
+  ``ZeroPadding2D`` before a "valid" conv, because Keras' "same" pads only bottom/right at
+  stride 2). Trainable parameter counts equal torchvision's published figures minus the
+  1000-class fc layer.
 
 Knobs (any family): ``base_filters`` (64 in the published models) sets the stem width and the
 stage widths ``base_filters * (1, 2, 4, 8)``; ``blocks`` sets the number of residual blocks per
@@ -85,8 +95,9 @@ class _Spec:
     Attributes:
         block: "basic" (two 3x3 convs, expansion 1) or "bottleneck" (1x1-3x3-1x1, expansion 4).
         blocks: residual blocks in stages conv2..conv5.
-        keras_layout: True for the keras.applications v1 layout (bias, stride on the first 1x1,
-            eps 1.001e-5); False for torchvision's (no bias, stride on the 3x3, eps 1e-5).
+        keras_layout: True for the keras.applications v1 layout (stride on the first 1x1,
+            eps 1.001e-5); False for torchvision's (stride on the 3x3, eps 1e-5). Neither layout
+            has conv biases.
         base_filters: stem width and width of stage conv2 (planes); later stages double it.
         groups, width_per_group: ResNeXt cardinality and bottleneck width per group.
     """
@@ -141,8 +152,8 @@ def _kernel_initializer():
     )
 
 
-def _conv(x, filters, kernel_size, stride, name, spec, groups=1):
-    """Conv2D with torch-style symmetric padding when a 3x3 (or 7x7) conv has stride 2.
+def _conv(x, filters, kernel_size, stride, name, groups=1):
+    """Bias-free Conv2D with torch-style symmetric padding when a 3x3 (or 7x7) conv has stride 2.
 
     1x1 convs need no padding ("valid", as in keras.applications). Stride-1 kxk convs use
     "same", which equals torch's ``padding=k // 2`` for odd ``k``. For stride 2, "same" would
@@ -160,7 +171,7 @@ def _conv(x, filters, kernel_size, stride, name, spec, groups=1):
         strides=stride,
         padding=padding,
         groups=groups,
-        use_bias=spec.keras_layout,
+        use_bias=False,  # the following BatchNorm's beta is the bias
         kernel_initializer=_kernel_initializer(),
         name=name,
     )(x)
@@ -175,17 +186,17 @@ def _shortcut(x, out_channels, stride, name, spec):
     """Identity, or a strided 1x1 conv + BN where the shape changes (torchvision's rule)."""
     if stride == 1 and x.shape[-1] == out_channels:
         return x
-    s = _conv(x, out_channels, 1, stride, f"{name}_0_conv", spec)
+    s = _conv(x, out_channels, 1, stride, f"{name}_0_conv")
     return _bn(s, f"{name}_0_bn", spec)
 
 
 def _basic_block(x, planes, stride, name, spec):
     """torchvision BasicBlock: 3x3 (stride) - BN - ReLU - 3x3 - BN, + shortcut, ReLU."""
     shortcut = _shortcut(x, planes, stride, name, spec)
-    y = _conv(x, planes, 3, stride, f"{name}_1_conv", spec)
+    y = _conv(x, planes, 3, stride, f"{name}_1_conv")
     y = _bn(y, f"{name}_1_bn", spec)
     y = layers.Activation("relu", name=f"{name}_1_relu")(y)
-    y = _conv(y, planes, 3, 1, f"{name}_2_conv", spec)
+    y = _conv(y, planes, 3, 1, f"{name}_2_conv")
     y = _bn(y, f"{name}_2_bn", spec)
     y = layers.Add(name=f"{name}_add")([shortcut, y])
     return layers.Activation("relu", name=f"{name}_out")(y)
@@ -205,13 +216,13 @@ def _bottleneck_block(x, planes, stride, name, spec):
     else:
         width = int(planes * spec.width_per_group / 64) * spec.groups
         groups, stride_1x1, stride_3x3 = spec.groups, 1, stride
-    y = _conv(x, width, 1, stride_1x1, f"{name}_1_conv", spec)
+    y = _conv(x, width, 1, stride_1x1, f"{name}_1_conv")
     y = _bn(y, f"{name}_1_bn", spec)
     y = layers.Activation("relu", name=f"{name}_1_relu")(y)
-    y = _conv(y, width, 3, stride_3x3, f"{name}_2_conv", spec, groups=groups)
+    y = _conv(y, width, 3, stride_3x3, f"{name}_2_conv", groups=groups)
     y = _bn(y, f"{name}_2_bn", spec)
     y = layers.Activation("relu", name=f"{name}_2_relu")(y)
-    y = _conv(y, out_channels, 1, 1, f"{name}_3_conv", spec)
+    y = _conv(y, out_channels, 1, 1, f"{name}_3_conv")
     y = _bn(y, f"{name}_3_bn", spec)
     y = layers.Add(name=f"{name}_add")([shortcut, y])
     return layers.Activation("relu", name=f"{name}_out")(y)
@@ -224,7 +235,7 @@ def _stem(x, spec):
         spec.base_filters,
         7,
         strides=2,
-        use_bias=spec.keras_layout,
+        use_bias=False,
         kernel_initializer=_kernel_initializer(),
         name="conv1_conv",
     )(x)
@@ -350,8 +361,10 @@ def build_backbone(
             odd sizes: every stride-2 step rounds up). Input values as :func:`preprocess_for`
             produces them.
         weights: None (random init), ``"imagenet"`` (resnet50/101/152 only; downloads the
-            keras.applications weights and copies them by layer name), or the path to a
-            ``.weights.h5`` file saved from a backbone built with the same name and knobs.
+            keras.applications weights and copies them by layer name, folding their conv biases
+            into the BatchNorms), or the path to a ``.weights.h5`` file saved from a backbone
+            built with the same name and knobs (and without conv biases, unlike dlnotes' builds
+            of resnet50/101/152 before conv biases were removed).
         base_filters: stem / conv2 width (default 64; 16 for ``resnet_tiny``); stages use
             ``base_filters * (1, 2, 4, 8)`` planes.
         blocks: residual blocks per stage conv2..conv5, overriding the depth of ``name``.
@@ -394,17 +407,20 @@ def build_backbone(
         source = constructor(include_top=False, weights="imagenet", input_shape=(None, None, 3))
         copy_weights_by_name(source, model)
     elif kind == "file":
-        _load_weights_file(model, os.fspath(weights))
+        published = IMAGENET_WEIGHTS.get(name) if spec == _SPECS[name] else None
+        _load_weights_file(model, os.fspath(weights), published)
     return model
 
 
-def _load_weights_file(model, path):
+def _load_weights_file(model, path, keras_app=None):
     """``model.load_weights`` with a clear error when the file belongs to another architecture.
 
     Keras' ``.weights.h5`` stores variables by layer *position* (``layers/conv2d_7/vars/0``), not
     by layer name, so a file only fits a model built with the same name and knobs. The variable
-    count is checked first (Keras would skip surplus entries with warnings only), then Keras
-    checks every shape.
+    count is checked first (Keras would skip surplus entries with warnings only; a file with
+    surplus *conv* variables, one per conv, comes from an older dlnotes build with conv biases),
+    then Keras checks every shape. ``keras_app``: the keras.applications constructor of the
+    same architecture, if any, for the error message.
     """
     saved = []
 
@@ -418,6 +434,22 @@ def _load_weights_file(model, path):
     except OSError as err:
         raise ValueError(f"{model.name}: {path!r} is not a readable HDF5 file ({err})") from err
     if len(saved) != len(model.weights):
+        # keys look like "layers/conv2d_7/vars/1"; Keras names the groups after the layer class
+        saved_conv = sum(1 for key in saved if key.split("/")[1].startswith("conv2d"))
+        convs = [layer for layer in model.layers if isinstance(layer, layers.Conv2D)]
+        model_conv = sum(len(layer.weights) for layer in convs)
+        if saved_conv - model_conv == len(saved) - len(model.weights) == len(convs):
+            biased = (
+                f"keras.applications.{keras_app}(include_top=False, weights=None)"
+                if keras_app
+                else "this backbone rebuilt with use_bias=True convs"
+            )
+            raise ValueError(
+                f"{model.name}: {path!r} was saved from a backbone with conv biases (an older "
+                f"dlnotes build: {saved_conv} conv variables, this backbone has {model_conv}). "
+                f"Load it into {biased} and copy_weights_by_name() that into this backbone, "
+                "which folds the biases into the BatchNorms."
+            )
         raise ValueError(
             f"{model.name}: {path!r} holds {len(saved)} variables but this backbone has "
             f"{len(model.weights)}; it was saved from a backbone with another name or knobs"
@@ -439,24 +471,78 @@ def _load_weights_file(model, path):
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+def _feeds(conv, bn):
+    """Whether ``bn``'s input is ``conv``'s output itself (False if either is called twice)."""
+    try:
+        return bn.input is conv.output
+    except (AttributeError, ValueError):  # a layer called more than once has no single tensor
+        return False
+
+
+def _batch_norm_after(model, conv):
+    """The BatchNormalization of ``model`` applied directly to ``conv``'s output, or None.
+
+    Found by keras.applications' naming, the ``_conv`` suffix replaced by ``_bn``
+    (``conv1_conv`` -> ``conv1_bn``, ``conv2_block1_1_conv`` -> ``conv2_block1_1_bn``,
+    ``conv2_block1_0_conv`` -> ``conv2_block1_0_bn``), else as the only BatchNormalization that
+    consumes the conv's output. Either way it must consume that output directly, over the conv's
+    channel axis, or a bias folded into it would not be exact.
+    """
+    candidates = []
+    if conv.name.endswith("_conv"):
+        try:
+            candidates = [model.get_layer(conv.name[: -len("_conv")] + "_bn")]
+        except ValueError:
+            pass
+    candidates = [c for c in candidates if isinstance(c, layers.BatchNormalization)]
+    if not candidates or not _feeds(conv, candidates[0]):
+        candidates = [
+            layer
+            for layer in model.layers
+            if isinstance(layer, layers.BatchNormalization) and _feeds(conv, layer)
+        ]
+    if len(candidates) != 1:
+        return None
+    bn = candidates[0]
+    rank = len(conv.output.shape)
+    channel_axis = rank - 1 if conv.data_format == "channels_last" else 1
+    axes = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+    if [a % rank for a in axes] != [channel_axis]:
+        return None
+    return bn
+
+
 def copy_weights_by_name(source: keras.Model, target: keras.Model, *, strict: bool = True) -> int:
     """Copy layer weights from ``source`` into ``target`` for every layer name they share.
 
     Used to load keras.applications' ImageNet ResNets into :func:`build_backbone` models (the
-    layer names and weight layouts are the same); works for any pair of models.
+    layer names and weight layouts are the same but for the conv biases); works for any pair of
+    models.
+
+    A conv that has a bias in ``source`` but none in ``target`` gets the kernel only, and its
+    bias ``b`` is folded exactly into the BatchNorm that follows it: in inference mode
+    ``BN(conv(x) + b) = gamma * (conv(x) + b - mean) / sqrt(var + eps) + beta``, so the target
+    BN's ``moving_mean`` becomes ``mean - b`` (gamma, beta and the variance unchanged); in
+    training mode the batch mean absorbs ``b`` anyway. That BN is found by keras.applications'
+    naming (``conv2_block1_1_conv`` -> ``conv2_block1_1_bn``, ``conv1_conv`` -> ``conv1_bn``)
+    or else as the only BatchNormalization consuming the conv's output; in both models it must
+    be applied directly to the conv's output, and it is copied from ``source`` too.
 
     Args:
         source: model to read from (e.g. ``keras.applications.ResNet50(include_top=False)``).
         target: model to write to.
         strict: if True, every layer with weights in ``target`` must exist in ``source`` and
-            vice versa; if False, layers without a counterpart are skipped.
+            vice versa, and every dropped bias must be folded; if False, layers without a
+            counterpart are skipped, and so (with a warning) is a conv whose bias has no
+            BatchNorm to go to.
 
     Returns:
-        The number of layers copied.
+        The number of layers copied (a BatchNorm that received a bias counts once).
 
     Raises:
-        ValueError: a layer is missing on one side (``strict``), or a shared layer's weights
-            differ in count or shape. Nothing is copied when this is raised.
+        ValueError: a layer is missing on one side (``strict``), a shared layer's weights differ
+            in count or shape (other than a dropped conv bias), or a dropped conv bias has no
+            BatchNorm to fold into (``strict``). Nothing is copied when this is raised.
     """
     src = {layer.name: layer for layer in source.layers if layer.weights}
     dst = {layer.name: layer for layer in target.layers if layer.weights}
@@ -470,22 +556,59 @@ def copy_weights_by_name(source: keras.Model, target: keras.Model, *, strict: bo
                 f"layers of {source.name!r} missing in {target.name!r}: "
                 f"{only_src[:5]}{' ...' if len(only_src) > 5 else ''} ({len(only_src)})"
             )
-    pairs = []
+    planned = {}  # target layer name -> (layer, values to set)
+    biases = []  # (target conv, source bias): biases to fold into the following BN
     for layer_name, layer in dst.items():
         if layer_name not in src:
             continue
-        values = src[layer_name].get_weights()
+        source_layer = src[layer_name]
+        values = source_layer.get_weights()
         expected = [tuple(w.shape) for w in layer.weights]
         got = [tuple(v.shape) for v in values]
-        if expected != got:
+        drops_bias = (
+            isinstance(layer, layers.Conv2D)
+            and isinstance(source_layer, layers.Conv2D)
+            and source_layer.use_bias
+            and not layer.use_bias
+            and got[:-1] == expected  # Keras orders a conv's weights (kernel, bias)
+        )
+        if drops_bias:
+            biases.append((layer, values.pop()))
+        elif expected != got:
             raise ValueError(
                 f"copy_weights_by_name: layer {layer_name!r} has weight shapes {expected} in "
                 f"{target.name!r} but {got} in {source.name!r}"
             )
-        pairs.append((layer, values))
-    for layer, values in pairs:  # validate everything first so a failure copies nothing
+        planned[layer_name] = (layer, values)
+
+    for conv, bias in biases:
+        bn = _batch_norm_after(target, conv)
+        ok = (
+            bn is not None
+            and bn.name in planned
+            and _batch_norm_after(source, src[conv.name]) is src[bn.name]
+            and tuple(bn.moving_mean.shape) == bias.shape
+        )
+        if not ok:
+            message = (
+                f"copy_weights_by_name: conv {conv.name!r} has a bias in {source.name!r} but "
+                f"none in {target.name!r}, and no BatchNormalization copied from "
+                f"{source.name!r} follows it directly in both models (expected "
+                f"{conv.name.removesuffix('_conv') + '_bn'!r}) to fold the bias into"
+            )
+            if strict:
+                raise ValueError(message)
+            warnings.warn(message + "; the conv is left unchanged", stacklevel=2)
+            del planned[conv.name]
+            continue
+        values = planned[bn.name][1]
+        i = next(k for k, w in enumerate(bn.weights) if w is bn.moving_mean)
+        # BN(conv(x) + b) uses (conv(x) + b - mean): the same as conv(x) with mean - b.
+        values[i] = (values[i].astype(np.float64) - bias).astype(values[i].dtype)
+
+    for layer, values in planned.values():  # validate everything first so a failure copies nothing
         layer.set_weights(values)
-    return len(pairs)
+    return len(planned)
 
 
 def output_strides(model: keras.Model) -> tuple[int, ...]:

@@ -1,10 +1,13 @@
 """Tests of dlnotes.backbones.resnet.
 
 * keras-layout models (resnet50/101/152) against keras.applications itself: the same layers by
-  name and type, the same conv/BN settings, and identical C3-C5 after a weight copy.
+  name and type, the same conv/BN settings but no conv bias, and identical C3-C5 after a weight
+  copy that folds keras.applications' conv biases into the BatchNorms.
 * torchvision-layout models (resnet18/34, ResNeXt, resnet_tiny) against a float64 NumPy
   re-implementation of torchvision's forward pass (symmetric padding, stride on the 3x3 conv,
   grouped 3x3, BN eps 1e-5), and against torchvision's published parameter counts.
+* no backbone has a conv bias; parameter counts against torchvision, keras.applications (minus
+  its conv biases) and keras-hub.
 """
 
 import functools
@@ -24,6 +27,7 @@ from dlnotes.backbones import (
     output_strides,
     preprocess_for,
 )
+from dlnotes.backbones import resnet as resnet_module
 
 # ----------------------------------------------------------------------------- published figures
 # torchvision num_params (with the 1000-class fc), from the model pages
@@ -40,6 +44,10 @@ TV_PUBLISHED = {
 # 25.6M / 44.7M / 60.4M; the exact 25,636,712 / 44,707,176 / 60,419,944 are the Keras 2
 # applications table, and `keras.applications.ResNetXX(weights=None).count_params()` gives them.
 KERAS_PUBLISHED = {"resnet50": 25_636_712, "resnet101": 44_707_176, "resnet152": 60_419_944}
+# keras-hub's ResNet-50 backbone (no conv bias): ResNetBackbone(stackwise_num_filters=[64, 128,
+# 256, 512], stackwise_num_blocks=[3, 4, 6, 3], block_type="bottleneck_block").count_params(),
+# as in benchmarks/README.md; BN statistics counted as in every Keras model.
+KERAS_HUB_RESNET50 = 23_561_152
 
 
 def fc_params(features):
@@ -79,6 +87,19 @@ def tv_trainable_params(block, blocks, base=64, groups=1, width_per_group=64):
     return total
 
 
+def bn_channels(blocks, base=64):
+    """BatchNorm channels of a bottleneck ResNet = conv biases of keras.applications' one.
+
+    Every conv feeds one BN of its output width: stem ``base``; per block ``planes`` (1x1),
+    ``planes`` (3x3), ``4 * planes`` (1x1), plus ``4 * planes`` for the first block's shortcut.
+    """
+    total = base
+    for s, n in enumerate(blocks):
+        planes = base * 2**s
+        total += n * 6 * planes + 4 * planes
+    return total
+
+
 def test_reference_formula_reproduces_torchvision_published_counts():
     # The formula used for resnext101_32x4d (which torchvision does not publish) reproduces
     # every published torchvision figure it can express; so a bug in it would show here.
@@ -98,9 +119,22 @@ def trainable_count(model):
     return sum(int(np.prod(v.shape)) for v in model.trainable_weights)
 
 
+def keras_layout_counts(name, blocks):
+    """resnet50/101/152: keras.applications' layout without its conv biases.
+
+    "total": keras.applications' include_top=False count (Keras counts the BN running stats)
+    minus one bias per BN channel. "trainable": torchvision's formula (the stride placement,
+    v1 or v1.5, does not change the count), 2 per BN channel fewer than "total".
+    """
+    return {
+        "total": KERAS_PUBLISHED[name] - fc_params(2048) - bn_channels(blocks),
+        "trainable": tv_trainable_params("bottleneck", blocks),
+    }
+
+
 # Expected (C3, C4, C5) channels and parameter counts of every named backbone.
 #   "trainable": torchvision figure minus fc (torch counts no BN running stats),
-#   "total": keras.applications' include_top=False count (Keras counts BN running stats).
+#   "total": every Keras variable, BN running stats included.
 EXPECTED = {
     "resnet_tiny": (
         (32, 64, 128),
@@ -114,18 +148,9 @@ EXPECTED = {
         (128, 256, 512),
         {"trainable": TV_PUBLISHED["resnet34"] - fc_params(512)},  # 21,284,672
     ),
-    "resnet50": (
-        (512, 1024, 2048),
-        {"total": KERAS_PUBLISHED["resnet50"] - fc_params(2048)},  # 23,587,712
-    ),
-    "resnet101": (
-        (512, 1024, 2048),
-        {"total": KERAS_PUBLISHED["resnet101"] - fc_params(2048)},  # 42,658,176
-    ),
-    "resnet152": (
-        (512, 1024, 2048),
-        {"total": KERAS_PUBLISHED["resnet152"] - fc_params(2048)},  # 58,370,944
-    ),
+    "resnet50": ((512, 1024, 2048), keras_layout_counts("resnet50", (3, 4, 6, 3))),
+    "resnet101": ((512, 1024, 2048), keras_layout_counts("resnet101", (3, 4, 23, 3))),
+    "resnet152": ((512, 1024, 2048), keras_layout_counts("resnet152", (3, 8, 36, 3))),
     "resnext50_32x4d": (
         (512, 1024, 2048),
         {"trainable": TV_PUBLISHED["resnext50_32x4d"] - fc_params(2048)},  # 22,979,904
@@ -146,6 +171,20 @@ EXPECTED = {
 def test_every_backbone_has_expectations():
     assert set(EXPECTED) == set(BACKBONES)
     assert EXPECTED["resnext101_32x4d"][1]["trainable"] == 42_128_704
+    assert bn_channels((3, 4, 6, 3)) == 26_560  # = keras.applications ResNet-50's conv biases
+    for name, blocks in (
+        ("resnet50", (3, 4, 6, 3)),
+        ("resnet101", (3, 4, 23, 3)),
+        ("resnet152", (3, 8, 36, 3)),
+    ):
+        # the two independent routes (keras.applications, torchvision) agree
+        counts = EXPECTED[name][1]
+        assert counts["total"] == counts["trainable"] + 2 * bn_channels(blocks), name
+    r50 = EXPECTED["resnet50"][1]
+    assert r50["total"] == KERAS_HUB_RESNET50 == 23_561_152
+    assert r50["trainable"] == TV_PUBLISHED["resnet50"] - fc_params(2048) == 23_508_032
+    assert EXPECTED["resnet101"][1]["total"] == 42_605_504
+    assert EXPECTED["resnet152"][1]["total"] == 58_295_232
 
 
 @functools.cache
@@ -171,6 +210,9 @@ def test_output_shapes_names_and_parameter_counts(name):
         assert trainable_count(model) == counts["trainable"]
     if "total" in counts:
         assert model.count_params() == counts["total"]
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs and not any(conv.use_bias for conv in convs)
+    assert all(len(conv.weights) == 1 for conv in convs)
 
 
 def test_resnext_knobs_reproduce_torchvision_resnet50():
@@ -198,7 +240,7 @@ def test_grouped_conv_layout():
 
 
 # ----------------------------------------------------------------------------- keras.applications
-def randomize(model, seed):
+def randomize(model, seed, bias_std=0.1):
     """Random kernels/biases and non-trivial BN statistics, so that a copy is really tested."""
     rng = np.random.default_rng(seed)
     for layer in model.layers:
@@ -217,8 +259,30 @@ def randomize(model, seed):
             fan_in = np.prod(k.shape[:3])
             values = [rng.normal(0, np.sqrt(2.0 / fan_in), k.shape)]
             if layer.use_bias:
-                values.append(rng.normal(0, 0.1, layer.bias.shape))
+                values.append(rng.normal(0, bias_std, layer.bias.shape))
             layer.set_weights(values)
+    return model
+
+
+def calibrate(model, x, seed):
+    """BN statistics near those of ``x`` (then perturbed), so that activations stay O(1).
+
+    Random statistics (``randomize``) do not normalise: after 16 blocks the features of an
+    image are ~1e4 and a conv bias of ~1 would be invisible. One training-mode pass with
+    momentum 0 sets every moving mean / variance to its batch statistics (the forward pass is
+    normalised by those as it goes); a random shift and scale keep them non-trivial.
+    """
+    rng = np.random.default_rng(seed)
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0
+    model(x, training=True)
+    for bn, momentum in zip(bns, momenta, strict=True):
+        bn.momentum = momentum
+        var = np.asarray(bn.moving_variance)
+        bn.moving_mean.assign(bn.moving_mean + rng.normal(0, 0.2, var.shape) * np.sqrt(var))
+        bn.moving_variance.assign(var * rng.uniform(0.7, 1.4, var.shape))
     return model
 
 
@@ -230,7 +294,10 @@ KERAS_OUTPUTS = {
 
 
 def assert_same_layers(ours, theirs):
-    """Every keras.applications layer exists in ours with the same type and settings."""
+    """Every keras.applications layer exists in ours with the same type and settings.
+
+    The one difference: keras.applications' convs have a bias, ours do not.
+    """
     mine = {layer.name: layer for layer in ours.layers}
     for layer in theirs.layers:
         if isinstance(layer, keras.layers.InputLayer):
@@ -238,19 +305,30 @@ def assert_same_layers(ours, theirs):
         assert layer.name in mine, layer.name
         other = mine[layer.name]
         assert type(other) is type(layer), layer.name
+        want_shapes = [tuple(w.shape) for w in layer.weights]
         if isinstance(layer, keras.layers.Conv2D):
-            for attr in ("filters", "kernel_size", "strides", "padding", "use_bias", "groups"):
+            for attr in ("filters", "kernel_size", "strides", "padding", "groups"):
                 assert getattr(other, attr) == getattr(layer, attr), (layer.name, attr)
+            assert layer.use_bias and not other.use_bias, layer.name
+            want_shapes = want_shapes[:1]  # the kernel only
         if isinstance(layer, keras.layers.BatchNormalization):
             assert other.epsilon == layer.epsilon == 1.001e-5, layer.name
         if isinstance(layer, keras.layers.ZeroPadding2D):
             assert other.padding == layer.padding, layer.name
         if isinstance(layer, keras.layers.MaxPooling2D):
             assert (other.pool_size, other.strides) == (layer.pool_size, layer.strides)
-        assert [tuple(w.shape) for w in other.weights] == [tuple(w.shape) for w in layer.weights]
+        assert [tuple(w.shape) for w in other.weights] == want_shapes, layer.name
     # ours adds only the input and the three output identities
     extra = set(mine) - {layer.name for layer in theirs.layers}
     assert extra == {"images", "C3", "C4", "C5"}
+
+
+def conv_bias_count(model):
+    return sum(
+        int(np.prod(layer.bias.shape))
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Conv2D) and layer.use_bias
+    )
 
 
 def keras_features(app, name):
@@ -265,22 +343,30 @@ def assert_features_equal(got, want):
 
 
 @pytest.mark.parametrize(
-    "name, constructor, last_block",
+    "name, constructor, blocks, last_block",
     [
-        ("resnet101", keras.applications.ResNet101, "conv4_block23_3_conv"),
-        ("resnet152", keras.applications.ResNet152, "conv4_block36_3_conv"),
+        ("resnet101", keras.applications.ResNet101, (3, 4, 23, 3), "conv4_block23_3"),
+        ("resnet152", keras.applications.ResNet152, (3, 8, 36, 3), "conv4_block36_3"),
     ],
 )
-def test_resnet101_152_are_keras_applications_layer_for_layer(name, constructor, last_block):
+def test_resnet101_152_are_keras_applications_layer_for_layer(
+    name, constructor, blocks, last_block
+):
     # Same block code as ResNet-50 (tested with a forward pass below), so the structure and a
     # strict weight copy are enough here; a forward pass would only cost CPU time.
-    app = constructor(include_top=False, weights=None)
+    app = randomize(constructor(include_top=False, weights=None), seed=9)
     ours = default_backbone(name)
     assert_same_layers(ours, app)
     assert copy_weights_by_name(app, ours) == sum(1 for layer in app.layers if layer.weights)
-    assert ours.count_params() == app.count_params()
-    np.testing.assert_array_equal(
-        ours.get_layer(last_block).kernel, app.get_layer(last_block).kernel
+    assert conv_bias_count(app) == bn_channels(blocks)
+    assert ours.count_params() == app.count_params() - bn_channels(blocks)
+    conv, bn = app.get_layer(last_block + "_conv"), app.get_layer(last_block + "_bn")
+    np.testing.assert_array_equal(ours.get_layer(last_block + "_conv").kernel, conv.kernel)
+    np.testing.assert_allclose(
+        ours.get_layer(last_block + "_bn").moving_mean,
+        np.asarray(bn.moving_mean, np.float64) - np.asarray(conv.bias, np.float64),
+        rtol=1e-6,
+        atol=1e-7,
     )
 
 
@@ -289,17 +375,29 @@ def test_weights_copied_from_keras_applications_give_identical_features():
     app = randomize(
         keras.applications.ResNet50(include_top=False, weights=None, input_shape=(size, size, 3)),
         seed=1,
+        bias_std=0.5,
     )
+    # a caffe-preprocessed image has values of about +-128
+    x = np.random.default_rng(0).uniform(-120, 130, (2, size, size, 3)).astype("float32")
+    calibrate(app, x, seed=2)
     ours = build_backbone(name, input_shape=(size, size, 3))
     assert_same_layers(ours, app)
     n_copied = copy_weights_by_name(app, ours)
     assert n_copied == sum(1 for layer in app.layers if layer.weights)
-    assert ours.count_params() == app.count_params()
-    x = np.random.default_rng(0).uniform(-120, 130, (2, size, size, 3)).astype("float32")
+    assert ours.count_params() == app.count_params() - conv_bias_count(app)
+    assert conv_bias_count(app) == bn_channels((3, 4, 6, 3)) == 26_560
     want = keras_features(app, name)(x, training=False)
     got = ours(x, training=False)
     assert_features_equal(got, want)
-    # and the copy is real: a fresh model gives different features
+    # The folding matters: with the biases dropped (BN means as in keras.applications) the
+    # features are far off. And the copy is real: a fresh model gives different features.
+    for layer in app.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            ours.get_layer(layer.name).moving_mean.assign(layer.moving_mean)
+    unfolded = ours(x, training=False)
+    for u, w in zip(unfolded, want, strict=True):
+        w = np.asarray(w)
+        assert np.abs(np.asarray(u) - w).max() > 0.05 * np.abs(w).max()
     fresh = build_backbone(name, input_shape=(size, size, 3))(x, training=False)
     assert not np.allclose(np.asarray(fresh[2]), np.asarray(want[2]), atol=1e-3)
 
@@ -338,6 +436,97 @@ def test_copy_weights_by_name_errors_and_non_strict():
     with pytest.raises(ValueError, match="weight shapes"):
         copy_weights_by_name(a, c)
     np.testing.assert_array_equal(c.get_layer("conv1_conv").get_weights()[0], before)
+
+
+def conv_bn_model(use_bias, conv_name="a_conv", bn_name="a_bn", relu_between=False, bn_axis=-1):
+    """(4, 4, 3) -> 3x3 conv, 4 filters -> [ReLU] -> BatchNorm over ``bn_axis``."""
+    x = keras.Input((4, 4, 3))
+    y = keras.layers.Conv2D(4, 3, padding="same", use_bias=use_bias, name=conv_name)(x)
+    if relu_between:
+        y = keras.layers.ReLU()(y)
+    y = keras.layers.BatchNormalization(axis=bn_axis, epsilon=1e-3, name=bn_name)(y)
+    return keras.Model(x, y)
+
+
+def test_conv_bias_folding_is_exact_and_found_without_the_naming_convention():
+    # "stem" -> "norm" does not follow keras.applications' naming: found through the graph.
+    src = randomize(conv_bn_model(True, "stem", "norm"), seed=20, bias_std=1.0)
+    dst = conv_bn_model(False, "stem", "norm")
+    assert copy_weights_by_name(src, dst) == 2
+    bias = np.asarray(src.get_layer("stem").bias, np.float64)
+    gamma, beta, mean, var = (np.asarray(w, np.float64) for w in src.get_layer("norm").weights)
+    np.testing.assert_allclose(dst.get_layer("norm").moving_mean, mean - bias, rtol=1e-6)
+    np.testing.assert_array_equal(dst.get_layer("norm").moving_variance, var.astype("float32"))
+    np.testing.assert_array_equal(dst.get_layer("norm").gamma, gamma.astype("float32"))
+    np.testing.assert_array_equal(dst.get_layer("norm").beta, beta.astype("float32"))
+    x = np.random.default_rng(9).normal(0, 1, (3, 4, 4, 3))
+    # float64 reference of the biased model, written out: BN(conv(x) + b)
+    kernel = np.asarray(src.get_layer("stem").kernel, np.float64)
+    want = (np_conv(x, kernel, 1, 1) + bias - mean) / np.sqrt(var + 1e-3) * gamma + beta
+    assert np.abs(bias).max() / np.sqrt(var).min() > 0.5  # the bias is not negligible
+    np.testing.assert_allclose(dst(x.astype("float32"), training=False), want, atol=1e-4)
+    # in training mode the batch mean absorbs the bias
+    np.testing.assert_allclose(
+        dst(x.astype("float32"), training=True), src(x.astype("float32"), training=True), atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("case", ["relu_between", "wrong_axis"])
+def test_a_conv_bias_that_cannot_be_folded_is_an_error(case):
+    # A ReLU between conv and BN, or a BN over a spatial axis (4 = the channel count): folding
+    # the bias would not be exact.
+    kwargs = {"relu_between": True} if case == "relu_between" else {"bn_axis": 1}
+    src = randomize(conv_bn_model(True, **kwargs), seed=21)
+    dst = conv_bn_model(False, **kwargs)
+    before = np.asarray(dst.get_layer("a_conv").kernel).copy()
+    with pytest.raises(ValueError, match=r"'a_conv' has a bias .* to fold the bias into"):
+        copy_weights_by_name(src, dst)
+    np.testing.assert_array_equal(dst.get_layer("a_conv").kernel, before)  # nothing copied
+    np.testing.assert_array_equal(dst.get_layer("a_bn").moving_mean, 0.0)
+    with pytest.warns(UserWarning, match="left unchanged"):
+        assert copy_weights_by_name(src, dst, strict=False) == 1  # the BN only
+    np.testing.assert_array_equal(dst.get_layer("a_conv").kernel, before)
+    np.testing.assert_array_equal(
+        dst.get_layer("a_bn").moving_mean, src.get_layer("a_bn").moving_mean
+    )
+    # a bias in the target but not in the source is a plain shape mismatch
+    with pytest.raises(ValueError, match="weight shapes"):
+        copy_weights_by_name(dst, src)
+
+
+def with_conv_biases(model):
+    """The same backbone with a bias on every conv: dlnotes' resnet50/101/152 before."""
+
+    def clone(layer):
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.Conv2D):
+            config["use_bias"] = True
+        return layer.__class__.from_config(config)
+
+    return keras.models.clone_model(model, clone_function=clone)
+
+
+def test_weights_file_saved_with_conv_biases_gets_a_clear_error(tmp_path):
+    knobs = {"base_filters": 8, "blocks": (1, 1, 1, 1)}
+    new = build_backbone("resnet50", **knobs)
+    old = randomize(with_conv_biases(new), seed=14, bias_std=0.5)
+    n_convs = sum(isinstance(layer, keras.layers.Conv2D) for layer in new.layers)
+    assert len(old.weights) == len(new.weights) + n_convs
+    path = tmp_path / "old.weights.h5"
+    old.save_weights(path)
+    with pytest.raises(ValueError, match="saved from a backbone with conv biases") as err:
+        build_backbone("resnet50", weights=path, **knobs)
+    assert "rebuilt with use_bias=True" in str(err.value)
+    # for the published architectures the message names the keras.applications model that
+    # loads such a file (checked by hand on a full-size resnet50 file: too big for a test)
+    with pytest.raises(ValueError, match=r"keras\.applications\.ResNet50\(include_top=False"):
+        resnet_module._load_weights_file(new, os.fspath(path), "ResNet50")
+    # the way out the message gives: load into a biased model, copy (folding the biases)
+    biased = with_conv_biases(new)
+    biased.load_weights(path)
+    assert copy_weights_by_name(biased, new) == sum(1 for layer in new.layers if layer.weights)
+    x = np.random.default_rng(15).normal(0, 1, (2, 32, 32, 3)).astype("float32")
+    assert_features_equal(new(x, training=False), old(x, training=False))
 
 
 # ----------------------------------------------------------------------------- torchvision semantics

@@ -617,6 +617,31 @@ def _subnets_params(num_classes, anchors=9, channels=256, depth=4):
     )
 
 
+def _resnet50_params(blocks=(3, 4, 6, 3), base=64):
+    """ResNet-50 (either stride placement) as Keras counts it: (conv kernels, BN channels).
+
+    No conv has a bias; each conv feeds a BatchNorm of its output width, which Keras counts as
+    4 variables per channel (gamma, beta, moving mean and variance). Stem 7x7 conv 3 -> base;
+    bottleneck 1x1 in -> planes, 3x3 planes -> planes, 1x1 planes -> 4 planes, and a 1x1
+    in -> 4 planes shortcut on each stage's first block.
+    """
+    kernels = _conv_params(7, 3, base, bias=False)
+    channels = base
+    c_in = base
+    for s, n in enumerate(blocks):
+        planes = base * 2**s
+        for i in range(n):
+            kernels += _conv_params(1, c_in, planes, bias=False)
+            kernels += _conv_params(3, planes, planes, bias=False)
+            kernels += _conv_params(1, planes, 4 * planes, bias=False)
+            channels += 6 * planes
+            if i == 0:
+                kernels += _conv_params(1, c_in, 4 * planes, bias=False)
+                channels += 4 * planes
+            c_in = 4 * planes
+    return kernels, channels
+
+
 def _fpn_params(c3, c4, c5, channels=256, p6_from_c5=True):
     laterals = sum(_conv_params(1, c, channels) for c in (c3, c4, c5))
     outputs = 3 * _conv_params(3, channels, channels)
@@ -625,8 +650,15 @@ def _fpn_params(c3, c4, c5, channels=256, p6_from_c5=True):
 
 
 def test_parameter_count_of_the_paper_model(paper_model):
-    # ResNet-50 as keras.applications builds it (conv biases, BN with 4 values per channel).
-    resnet50 = 23_587_712
+    # ResNet-50 without conv biases, BN with 4 values per channel: keras-hub's ResNet-50 count.
+    # keras.applications' include_top=False ResNet-50 (the source of the ImageNet weights) has
+    # one conv bias per BN channel more: 23,587,712.
+    kernels, bn_channels = _resnet50_params()
+    # torchvision's ResNet-50 without fc, 23,508,032 parameters, is kernels + 2 per BN channel
+    assert (kernels, bn_channels) == (23_454_912, 26_560)
+    assert kernels + 2 * bn_channels == 25_557_032 - (2048 * 1000 + 1000)
+    resnet50 = kernels + 4 * bn_channels
+    assert resnet50 == 23_561_152 and resnet50 + bn_channels == 23_587_712
     fpn = _fpn_params(512, 1024, 2048)  # P6 from C5 (paper, keras-retinanet)
     assert fpn == 7_997_440
     heads = _subnets_params(80)
@@ -634,7 +666,8 @@ def test_parameter_count_of_the_paper_model(paper_model):
     assert paper_model.backbone.count_params() == resnet50
     assert paper_model.neck.count_params() == fpn
     assert paper_model.class_head.count_params() + paper_model.box_head.count_params() == heads
-    assert paper_model.count_params() == resnet50 + fpn + heads == 38_048_372
+    # = keras-hub's RetinaNet with a ResNet-50 (benchmarks/README.md): the same network
+    assert paper_model.count_params() == resnet50 + fpn + heads == 38_021_812
 
 
 def test_parameter_count_matches_torchvision():
@@ -662,11 +695,14 @@ def test_parameter_count_matches_torchvision():
         for layer in tv.backbone.layers
         if isinstance(layer, keras.layers.BatchNormalization)
     )
-    assert bn == 4 * 26_560  # 26,560 BN channels in ResNet-50
+    kernels, bn_channels = _resnet50_params()
+    assert bn == 4 * bn_channels == 4 * 26_560  # 26,560 BN channels in ResNet-50
     assert tv.neck.count_params() == _fpn_params(512, 1024, 2048, p6_from_c5=False) == 3_868_672
     assert tv.class_head.count_params() + tv.box_head.count_params() == _subnets_params(91)
     conv_weights = tv.backbone.count_params() - bn  # 23,454,912: torchvision ResNet-50 w/o fc
-    assert conv_weights == 25_557_032 - (2048 * 1000 + 1000) - 2 * 26_560
+    assert conv_weights == kernels == 25_557_032 - (2048 * 1000 + 1000) - 2 * 26_560
+    # the v1.5 layout has the count of our (v1, keras.applications-named) resnet50: 23,561,152
+    assert tv.backbone.count_params() == kernels + 4 * bn_channels == 23_561_152
     assert tv.count_params() - bn == 34_014_999
 
 

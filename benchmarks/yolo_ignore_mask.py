@@ -1,0 +1,274 @@
+"""YOLOv3: the vectorised ignore mask against keras-yolo3's per-image loop; forward time against
+the FLOP floor; the mini preset's time to mAP on the book's data set.
+
+**Ignore mask** (the default mode). The YOLO loss needs, for every predicted box of every level,
+its best IoU with the GT boxes *of its own image*. dlnotes computes it for the whole batch at once
+(:func:`dlnotes.losses.yolo_ignore_mask`: one masked ``(B, M, N)`` pairwise IoU); keras-yolo3
+runs a ``tf.while_loop`` over the images, each with a ``boolean_mask`` of its valid GTs
+(:func:`ignore_mask_while_loop` below, dynamic shapes, so it cannot be XLA-compiled). Both
+variants are checked to give the same mask and the same loss, then timed inside the same
+YOLOv3-416 (Darknet-53, 80 classes, random weights, batch ``--batch`` = 16, 2 to 12 GT boxes per
+image) as the median of ``--repeats`` interleaved rounds after a warm-up:
+
+* loss: target assignment + the YOLO loss on fixed head outputs (what the variants change);
+* forward + loss: ``model(x, training=True)``, targets and loss;
+* train step: forward, targets, loss, gradients and an SGD update, in one ``tf.function``.
+
+**FLOP floor.** The forward pass of YOLOv3-416 at batch 1 and ``--batch`` against the time its
+multiply-adds would take at this machine's measured float32 matmul rate (a 2048x2048 ``tf.matmul``
+in a ``tf.function``): the ratio says how far the convolutions run from the machine's peak.
+
+**Training** (``--train``). Trains the CPU configuration of chapter 4 (``yolov3_mini_256`` with
+k-means anchors of the training set) on the book's data set for ``--epochs`` epochs, evaluating
+COCO AP / AP50 on the validation split after every epoch, and prints the training wall time
+(evaluation excluded) at which each AP50 level was first reached.
+
+    python benchmarks/yolo_ignore_mask.py [--repeats N] [--batch B] [--initial-filters F]
+    python benchmarks/yolo_ignore_mask.py --train [--epochs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from dlnotes.boxes import clip_boxes, pairwise_iou  # noqa: E402
+from dlnotes.losses import yolo_ignore_mask, yolo_loss  # noqa: E402
+from dlnotes.models import YOLOv3  # noqa: E402
+
+
+def ignore_mask_while_loop(pred_boxes, gt_boxes, gt_valid, ignore_thresh=0.5):
+    """keras-yolo3's ignore mask: a ``tf.while_loop`` over the images, each with a
+    ``boolean_mask`` of its valid GTs (dynamic shapes: no XLA). ``(B, M, 4)``, ``(B, N, 4)``,
+    ``(B, N)`` -> ``(B, M)`` bool."""
+    batch = tf.shape(pred_boxes)[0]
+    masks = tf.TensorArray(tf.bool, size=batch)
+
+    def body(b, masks):
+        true_box = tf.boolean_mask(gt_boxes[b], gt_valid[b])  # (n, 4)
+        best_iou = tf.reduce_max(pairwise_iou(pred_boxes[b], true_box), axis=-1)
+        return b + 1, masks.write(b, best_iou > ignore_thresh)
+
+    _, masks = tf.while_loop(lambda b, masks: b < batch, body, [tf.constant(0), masks])
+    return tf.stop_gradient(masks.stack())
+
+
+def random_targets(batch, image_size, num_classes, rng, max_gt=12):
+    """Padded ``{"boxes": (B, max_gt, 4), "labels": (B, max_gt)}`` with 2..max_gt boxes each."""
+    boxes = -np.ones((batch, max_gt, 4), np.float32)
+    labels = -np.ones((batch, max_gt), np.int32)
+    for b in range(batch):
+        n = rng.integers(2, max_gt + 1)
+        wh = rng.uniform(16, image_size / 2, (n, 2))
+        xy = rng.uniform(0, image_size - wh)
+        boxes[b, :n] = np.concatenate([xy, xy + wh], -1)
+        labels[b, :n] = rng.integers(0, num_classes, n)
+    return {"boxes": boxes, "labels": labels}
+
+
+def loss_fn(model, mask_fn):
+    """``(y, outputs) -> total loss`` with the given ignore-mask implementation."""
+
+    def fn(y, outputs):
+        boxes = clip_boxes(tf.cast(y["boxes"], tf.float32), model.image_size)
+        labels = tf.cast(y["labels"], tf.int32)
+        y_true = model.compute_targets(boxes, labels)
+        terms = yolo_loss(
+            y_true, outputs, model.yolo_anchors, model.image_size, boxes, labels,
+            ignore_thresh=model.ignore_thresh, ignore_mask_fn=mask_fn,
+        )  # fmt: skip
+        return terms["total"]
+
+    return fn
+
+
+def timed(rows, repeats):
+    """Median seconds of each ``rows[name]()`` over interleaved rounds (after one warm-up)."""
+    for fn in rows.values():
+        fn()
+    times = {name: [] for name in rows}
+    for _ in range(repeats):
+        for name, fn in rows.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def conv_macs(model, image_size):
+    """Multiply-adds of YOLOv3's convs for one square image, in darknet order.
+
+    A backbone conv works on the grid of its stride (2 to the number of stride-2 convs up to and
+    including it); the FPN and head convs after the 52 backbone convs come in groups of 8 per
+    output (5 block convs, the head's 3x3 and 1x1, the up conv, the last output without the up
+    conv), at strides 32, 16, 8.
+    """
+    total, stride = 0, 1
+    for index, (conv, _) in enumerate(model.darknet_units()):
+        kh, kw, cin, cout = conv.kernel.shape
+        if index < 52:
+            stride *= conv.strides[0]
+            grid_stride = stride
+        else:
+            grid_stride = (32, 16, 8)[(index - 52) // 8]
+        total += kh * kw * cin * cout * (image_size // grid_stride) ** 2
+    return total
+
+
+def matmul_rate(size=2048, repeats=10):
+    """Measured float32 matmul rate (multiply-adds per second) of a ``size`` square product."""
+    a = tf.random.normal((size, size))
+    f = tf.function(lambda a: tf.matmul(a, a))
+    f(a).numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a).numpy()
+        times.append(time.perf_counter() - start)
+    return size**3 / statistics.median(times)
+
+
+def speed(args):
+    rng = np.random.default_rng(args.seed)
+    keras.utils.set_random_seed(args.seed)
+    size = args.image_size
+    model = YOLOv3(num_classes=80, image_size=(size, size), initial_filters=args.initial_filters)
+    x = tf.constant(rng.uniform(0, 255, (args.batch, size, size, 3)).astype(np.float32))
+    y = {k: tf.constant(v) for k, v in random_targets(args.batch, size, 80, rng).items()}
+    outputs = [tf.constant(o) for o in model(x, training=True)]
+
+    variants = {"vectorised": yolo_ignore_mask, "while_loop": ignore_mask_while_loop}
+    # The same mask and loss from both (on real decoded boxes of the random model).
+    losses = {name: loss_fn(model, fn) for name, fn in variants.items()}
+    values = {name: float(tf.function(fn)(y, outputs)) for name, fn in losses.items()}
+    assert abs(values["vectorised"] - values["while_loop"]) <= 1e-5 * abs(values["vectorised"])
+    pred = tf.random.uniform((args.batch, 500, 4)) * size
+    pred = tf.concat([pred[..., :2], pred[..., :2] + pred[..., 2:] / 4], -1)
+    valid = y["labels"] >= 0
+    same = tf.reduce_all(
+        yolo_ignore_mask(pred, y["boxes"], valid, 0.1)
+        == ignore_mask_while_loop(pred, y["boxes"], valid, 0.1)
+    )
+    assert bool(same), "the two ignore masks differ"
+
+    optimizer = keras.optimizers.SGD(1e-6)
+    optimizer.build(model.trainable_variables)
+    rows = {}
+    for name, fn in losses.items():
+        loss_only = tf.function(fn)
+        forward_loss = tf.function(lambda x, y, fn=fn: fn(y, model(x, training=True)))
+
+        @tf.function
+        def step(x, y, fn=fn):
+            with tf.GradientTape() as tape:
+                loss = fn(y, model(x, training=True))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            return loss
+
+        rows[("loss", name)] = lambda f=loss_only: f(y, outputs).numpy()
+        rows[("forward + loss", name)] = lambda f=forward_loss: f(x, y).numpy()
+        rows[("train step", name)] = lambda f=step: f(x, y).numpy()
+    print(f"timing {len(rows)} rows, {args.repeats} rounds ...", flush=True)
+    medians = timed(rows, args.repeats)
+
+    print(
+        f"\nYOLOv3-{size} (initial_filters {args.initial_filters}), 80 classes, batch "
+        f"{args.batch}, random weights; TF {tf.__version__}, Keras {keras.__version__}; "
+        f"{os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}; median of "
+        f"{args.repeats} interleaved rounds\n"
+    )
+    print("| row | vectorised ms | while_loop ms | while_loop / vectorised |")
+    print("| --- | ---: | ---: | ---: |")
+    for row in ("loss", "forward + loss", "train step"):
+        v, w = medians[(row, "vectorised")], medians[(row, "while_loop")]
+        print(f"| {row} | {v * 1e3:.0f} | {w * 1e3:.0f} | {w / v:.2f} |")
+
+    rate = matmul_rate()
+    macs = conv_macs(model, size)
+    forward = tf.function(lambda x: model(x, training=False))
+    one = x[:1]
+    fwd = timed({"1": lambda: forward(one)[0].numpy(), "B": lambda: forward(x)[0].numpy()},
+                args.repeats)  # fmt: skip
+    print(f"\nmeasured float32 matmul rate: {rate * 2 / 1e9:.0f} GFLOP/s ({rate / 1e9:.0f} G "
+          f"multiply-adds/s); YOLOv3-{size}: {macs / 1e9:.2f} G multiply-adds per image\n")  # fmt: skip
+    print("| forward | measured ms | FLOP floor ms | measured / floor |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, n in (("1", 1), ("B", args.batch)):
+        floor = macs * n / rate
+        print(f"| batch {n} | {fwd[label] * 1e3:.0f} | {floor * 1e3:.0f} | "
+              f"{fwd[label] / floor:.2f} |")  # fmt: skip
+
+
+def train(args):
+    from dlnotes.anchors import kmeans_anchors
+    from dlnotes.data import load_shapes
+    from dlnotes.evaluation import evaluate_detector
+
+    keras.utils.set_random_seed(args.seed)
+    train_set, val_set = load_shapes("train"), load_shapes("val")
+    boxes = train_set.padded_targets()["boxes"].reshape(-1, 4)
+    boxes = boxes[boxes[:, 0] >= 0]
+    anchors = kmeans_anchors(boxes[:, 2:] - boxes[:, :2], k=9)
+    model = YOLOv3.from_preset(
+        "yolov3_mini_256", num_classes=train_set.num_classes, anchors=anchors.tolist()
+    )
+    data = train_set.to_tf_dataset(
+        batch_size=args.train_batch, image_size=256, horizontal_flip=True, shuffle=True,
+        seed=args.seed, drop_remainder=True,
+    )  # fmt: skip
+    steps = len(train_set) // args.train_batch * args.epochs
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, steps - 100, warmup_target=args.lr, warmup_steps=100
+    )
+    model.compile(
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, global_clipnorm=10.0),
+        jit_compile=args.jit,
+    )
+    trained, reached = 0.0, {}
+    print(f"yolov3_mini_256, {model.count_params():,d} parameters, {steps} steps of "
+          f"{args.train_batch}; anchors {np.round(anchors).astype(int).tolist()}")  # fmt: skip
+    print("| epoch | training s | loss | AP | AP50 |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for epoch in range(args.epochs):
+        start = time.perf_counter()
+        logs = model.fit(data, epochs=epoch + 1, initial_epoch=epoch, verbose=0).history
+        trained += time.perf_counter() - start
+        stats = evaluate_detector(model, val_set).result.stats
+        print(f"| {epoch + 1} | {trained:.0f} | {logs['loss'][-1]:.3f} | {stats['AP']:.3f} | "
+              f"{stats['AP50']:.3f} |", flush=True)  # fmt: skip
+        for level in (0.1, 0.2, 0.3, 0.4, 0.5):
+            if stats["AP50"] >= level and level not in reached:
+                reached[level] = trained
+    print("\n| AP50 reached | training wall time, s |\n| ---: | ---: |")
+    for level, seconds in reached.items():
+        print(f"| {level:.1f} | {seconds:.0f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=416)
+    parser.add_argument("--initial-filters", type=int, default=32, help="32: YOLOv3 itself")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", action="store_true", help="train yolov3_mini_256 to mAP")
+    parser.add_argument("--epochs", type=int, default=8, help="--train: epochs")
+    parser.add_argument("--train-batch", type=int, default=8, help="--train: batch size")
+    parser.add_argument("--lr", type=float, default=2e-3, help="--train: peak learning rate")
+    parser.add_argument("--jit", action="store_true", help="--train: jit_compile=True")
+    args = parser.parse_args()
+    train(args) if args.train else speed(args)
+
+
+if __name__ == "__main__":
+    main()
