@@ -573,3 +573,41 @@ def test_match_dataset_best_iou_tells_duplicates_from_poor_boxes(tmp_path):
         tp2, scores2, _ = match_dataset(predictions, ds.records, label, 0.5)
         np.testing.assert_array_equal(tp, tp2)
         np.testing.assert_array_equal(scores, scores2)
+
+
+def test_evaluate_detector_maps_letterboxed_predictions_back(tmp_path):
+    from dlnotes.evaluation import evaluate_detector
+
+    ds = _shapes_records(tmp_path)  # 96x96 images, evaluated at 64x64: boxes scaled by 2/3
+    targets = ds.padded_targets()
+
+    class Oracle:
+        """Returns each batch's ground truth in model-input pixels, score 1, in data-set order."""
+
+        image_size = (64, 64)
+
+        def __init__(self):
+            self.seen = 0
+
+        def predict_on_batch(self, images):
+            assert images.shape[1:3] == (64, 64)
+            n, start = images.shape[0], self.seen
+            self.seen += n
+            labels = targets["labels"][start : start + n]
+            boxes = np.where(
+                labels[..., None] >= 0, targets["boxes"][start : start + n] * 2 / 3, -1
+            )
+            return {
+                "boxes": boxes.astype(np.float32),
+                "scores": np.where(labels >= 0, 1.0, -1.0).astype(np.float32),
+                "labels": labels,
+                "num_detections": (labels >= 0).sum(-1),
+            }
+
+    out = evaluate_detector(Oracle(), ds, batch_size=5, keep=7)
+    assert out.result["AP"] == pytest.approx(1.0)
+    assert len(out.detections) == int((targets["labels"] >= 0).sum())
+    images, kept_targets, predictions = out.samples
+    assert images.shape == (7, 64, 64, 3) and predictions["boxes"].shape[0] == 7
+    np.testing.assert_array_equal(kept_targets["labels"], targets["labels"][:7])
+    assert evaluate_detector(Oracle(), ds, batch_size=5).samples is None
