@@ -56,7 +56,10 @@ execute: install data
 
 bench: install data
 	$(PY) benchmarks/iou_matching.py
+	$(PY) benchmarks/yolo_ignore_mask.py
 	$(PY) benchmarks/book_times.py
+	@$(PY) -c "import keras_hub" 2>/dev/null && $(PY) benchmarks/retinanet_keras_hub.py \
+		|| echo "skipped retinanet_keras_hub.py: pip install -e '.[bench]' (keras-hub) to run it"
 
 lint: install
 	$(VENV)/bin/ruff check dlnotes tests benchmarks book

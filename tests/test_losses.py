@@ -1,12 +1,14 @@
 """Tests of dlnotes.losses against float64 NumPy references, at extreme logits and degenerate boxes,
 and of the cross-replica normaliser under a 2-replica MirroredStrategy."""
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 
 from dlnotes import losses as L
 from dlnotes.anchors import YOLO_COCO_ANCHORS, YoloAnchors
-from dlnotes.boxes import pairwise_iou, yolo_decode
+from dlnotes.boxes import yolo_decode
 from dlnotes.matching import assign_yolo_targets
 
 EXTREME = np.array([-1e4, -1e3, -104.0, -100.0, -30.0, -3.0, 0.0, 3.0, 30.0, 100.0, 104.0, 1e4])
@@ -549,24 +551,17 @@ def _yolo_case(seed=0, batch=2, num_gt=4):
     return boxes, labels, y_true, y_pred
 
 
-def ignore_mask_while_loop(pred_boxes, gt_boxes, gt_valid, ignore_thresh=0.5):
-    """keras-yolo3's ignore mask: a ``tf.while_loop`` over the images, each with a boolean_mask of
-    its valid GTs (dynamic shapes, so no XLA). Kept for comparison with the batched
-    :func:`dlnotes.losses.yolo_ignore_mask`."""
-    pred_boxes = tf.convert_to_tensor(pred_boxes, tf.float32)
-    gt_boxes = tf.convert_to_tensor(gt_boxes, tf.float32)
-    gt_valid = tf.convert_to_tensor(gt_valid, tf.bool)
-    batch = tf.shape(pred_boxes)[0]
-    masks = tf.TensorArray(tf.bool, size=batch)
+def _load_benchmark(name):
+    """A module of benchmarks/ (not a package), e.g. its reference implementations."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def body(b, masks):
-        true_box = tf.boolean_mask(gt_boxes[b], gt_valid[b])  # (n, 4)
-        iou = pairwise_iou(pred_boxes[b], true_box)  # (M, n)
-        best_iou = tf.reduce_max(iou, axis=-1)  # the lowest float where n == 0
-        return b + 1, masks.write(b, best_iou > ignore_thresh)
 
-    _, masks = tf.while_loop(lambda b, masks: b < batch, body, [tf.constant(0), masks])
-    return masks.stack()
+# keras-yolo3's per-image tf.while_loop, the comparison of benchmarks/yolo_ignore_mask.py.
+ignore_mask_while_loop = _load_benchmark("yolo_ignore_mask").ignore_mask_while_loop
 
 
 def test_yolo_ignore_mask_hand_made_and_other_images():
