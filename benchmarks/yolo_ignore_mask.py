@@ -5,18 +5,24 @@ the FLOP floor; the mini preset's time to mAP on the book's data set.
 its best IoU with the GT boxes *of its own image*. dlnotes computes it for the whole batch at once
 (:func:`dlnotes.losses.yolo_ignore_mask`: one masked ``(B, M, N)`` pairwise IoU); keras-yolo3
 runs a ``tf.while_loop`` over the images, each with a ``boolean_mask`` of its valid GTs
-(:func:`ignore_mask_while_loop` below, dynamic shapes, so it cannot be XLA-compiled). Both
+(:func:`ignore_mask_while_loop` below, with dynamic shapes). Both
 variants are checked to give the same mask and the same loss, then timed inside the same
 YOLOv3-416 (Darknet-53, 80 classes, random weights, batch ``--batch`` = 16, 2 to 12 GT boxes per
 image) as the median of ``--repeats`` interleaved rounds after a warm-up:
 
-* loss: target assignment + the YOLO loss on fixed head outputs (what the variants change);
+* ignore mask alone: the mask of every (cell, anchor) of the three levels (B x 10,647 decoded
+  boxes) against the padded GT boxes, in graph mode and with ``jit_compile=True`` (the loop's
+  ``boolean_mask`` inside a ``while_loop`` has dynamic shapes; TF 2.21's XLA compiles it with
+  its dynamic padder, older versions refuse it, which the table then reports);
+* loss: target assignment + the YOLO loss on fixed head outputs (what the variants change), in
+  graph mode and with XLA;
 * forward + loss: ``model(x, training=True)``, targets and loss;
 * train step: forward, targets, loss, gradients and an SGD update, in one ``tf.function``.
 
-**FLOP floor.** The forward pass of YOLOv3-416 at batch 1 and ``--batch`` against the time its
-multiply-adds would take at this machine's measured float32 matmul rate (a 2048x2048 ``tf.matmul``
-in a ``tf.function``): the ratio says how far the convolutions run from the machine's peak.
+**FLOPs.** The forward pass of YOLOv3-416 at batch 1 and ``--batch`` against the time its
+multiply-adds (counted from the conv shapes) would take at this machine's measured float32 matmul
+rate (the best of 1024, 2048 and 4096 square ``tf.matmul`` in a ``tf.function``): a ratio near 1
+means the convolutions run as fast as TensorFlow's dense matmul.
 
 **Training** (``--train``). Trains the CPU configuration of chapter 4 (``yolov3_mini_256`` with
 k-means anchors of the training set) on the book's data set for ``--epochs`` epochs, evaluating
@@ -41,14 +47,14 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from dlnotes.boxes import clip_boxes, pairwise_iou  # noqa: E402
+from dlnotes.boxes import clip_boxes, pairwise_iou, yolo_decode  # noqa: E402
 from dlnotes.losses import yolo_ignore_mask, yolo_loss  # noqa: E402
 from dlnotes.models import YOLOv3  # noqa: E402
 
 
 def ignore_mask_while_loop(pred_boxes, gt_boxes, gt_valid, ignore_thresh=0.5):
     """keras-yolo3's ignore mask: a ``tf.while_loop`` over the images, each with a
-    ``boolean_mask`` of its valid GTs (dynamic shapes: no XLA). ``(B, M, 4)``, ``(B, N, 4)``,
+    ``boolean_mask`` of its valid GTs (dynamic shapes). ``(B, M, 4)``, ``(B, N, 4)``,
     ``(B, N)`` -> ``(B, M)`` bool."""
     batch = tf.shape(pred_boxes)[0]
     masks = tf.TensorArray(tf.bool, size=batch)
@@ -124,17 +130,21 @@ def conv_macs(model, image_size):
     return total
 
 
-def matmul_rate(size=2048, repeats=10):
-    """Measured float32 matmul rate (multiply-adds per second) of a ``size`` square product."""
-    a = tf.random.normal((size, size))
-    f = tf.function(lambda a: tf.matmul(a, a))
-    f(a).numpy()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def matmul_rate(sizes=(1024, 2048, 4096), repeats=5):
+    """Measured float32 matmul rate (multiply-adds per second): the best over square products
+    of the given sizes (median time of each) in a ``tf.function``."""
+    rates = []
+    for size in sizes:
+        a = tf.random.normal((size, size))
+        f = tf.function(lambda a: tf.matmul(a, a))
         f(a).numpy()
-        times.append(time.perf_counter() - start)
-    return size**3 / statistics.median(times)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            f(a).numpy()
+            times.append(time.perf_counter() - start)
+        rates.append(size**3 / statistics.median(times))
+    return max(rates)
 
 
 def speed(args):
@@ -160,6 +170,32 @@ def speed(args):
     )
     assert bool(same), "the two ignore masks differ"
 
+    # The mask alone on this model's decoded boxes (all levels at once), and under XLA, which the
+    # loop's dynamic shapes (boolean_mask in a while_loop) may not allow (older TF versions).
+    decoded = tf.concat(
+        [
+            tf.reshape(
+                yolo_decode(
+                    o[..., :4], model.yolo_anchors.level_anchors(k), model.yolo_anchors.strides[k]
+                ),
+                (args.batch, -1, 4),
+            )
+            for k, o in enumerate(outputs)
+        ],
+        axis=1,
+    )
+    mask_args = (decoded, y["boxes"], valid)
+    xla_status = {}
+    for name, fn in variants.items():
+        try:
+            xla = tf.function(fn, jit_compile=True)
+            xla(*mask_args).numpy()
+            xla_loss = tf.function(losses[name], jit_compile=True)
+            xla_loss(y, outputs).numpy()
+            xla_status[name] = (xla, xla_loss)
+        except Exception as error:  # an XLA that rejects the dynamic shapes of the loop
+            xla_status[name] = type(error).__name__
+
     optimizer = keras.optimizers.SGD(1e-6)
     optimizer.build(model.trainable_variables)
     rows = {}
@@ -175,6 +211,12 @@ def speed(args):
             optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
             return loss
 
+        mask_only = tf.function(variants[name])
+        rows[("ignore mask alone", name)] = lambda f=mask_only: f(*mask_args).numpy()
+        if not isinstance(xla_status[name], str):
+            xla_mask, xla_loss = xla_status[name]
+            rows[("ignore mask alone, XLA", name)] = lambda f=xla_mask: f(*mask_args).numpy()
+            rows[("loss, XLA", name)] = lambda f=xla_loss: f(y, outputs).numpy()
         rows[("loss", name)] = lambda f=loss_only: f(y, outputs).numpy()
         rows[("forward + loss", name)] = lambda f=forward_loss: f(x, y).numpy()
         rows[("train step", name)] = lambda f=step: f(x, y).numpy()
@@ -189,9 +231,16 @@ def speed(args):
     )
     print("| row | vectorised ms | while_loop ms | while_loop / vectorised |")
     print("| --- | ---: | ---: | ---: |")
-    for row in ("loss", "forward + loss", "train step"):
-        v, w = medians[(row, "vectorised")], medians[(row, "while_loop")]
-        print(f"| {row} | {v * 1e3:.0f} | {w * 1e3:.0f} | {w / v:.2f} |")
+    for row in (
+        "ignore mask alone", "ignore mask alone, XLA", "loss", "loss, XLA", "forward + loss",
+        "train step",
+    ):  # fmt: skip
+        v = medians[(row, "vectorised")]
+        if (row, "while_loop") in medians:
+            w = medians[(row, "while_loop")]
+            print(f"| {row} | {v * 1e3:.1f} | {w * 1e3:.1f} | {w / v:.2f} |")
+        else:
+            print(f"| {row} | {v * 1e3:.1f} | fails to compile ({xla_status['while_loop']}) | |")
 
     rate = matmul_rate()
     macs = conv_macs(model, size)
@@ -201,7 +250,7 @@ def speed(args):
                 args.repeats)  # fmt: skip
     print(f"\nmeasured float32 matmul rate: {rate * 2 / 1e9:.0f} GFLOP/s ({rate / 1e9:.0f} G "
           f"multiply-adds/s); YOLOv3-{size}: {macs / 1e9:.2f} G multiply-adds per image\n")  # fmt: skip
-    print("| forward | measured ms | FLOP floor ms | measured / floor |")
+    print("| forward | measured ms | at the matmul rate, ms | measured / matmul-rate time |")
     print("| --- | ---: | ---: | ---: |")
     for label, n in (("1", 1), ("B", args.batch)):
         floor = macs * n / rate
