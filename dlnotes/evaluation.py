@@ -942,8 +942,6 @@ def evaluate_detector(model, dataset, batch_size: int = 50, image_size=None, kee
     if keep:
         images = np.concatenate([k[0] for k in kept])[:keep]
         targets = {key: np.concatenate([k[1][key] for k in kept])[:keep] for key in kept[0][1]}
-        predictions = {
-            key: np.concatenate([k[2][key] for k in kept])[:keep] for key in kept[0][2]
-        }
+        predictions = {key: np.concatenate([k[2][key] for k in kept])[:keep] for key in kept[0][2]}
         samples = (images, targets, predictions)
     return DetectorEvaluation(coco_evaluate(dataset.coco, detections), detections, samples)
