@@ -60,6 +60,7 @@ __all__ = [
     "save_darknet_weights",
     "weights_file_size",
     "yolov3_cfg",
+    "yolov3_config_from_cfg",
 ]
 
 # ----------------------------------------------------------------------------- cfg parsing
@@ -610,6 +611,86 @@ def yolov3_cfg(
 # ----------------------------------------------------------------------------- Keras units
 
 _CONV_NAME = re.compile(r"conv(\d+)")
+
+
+def yolov3_config_from_cfg(cfg) -> dict:
+    """The :class:`dlnotes.models.YOLOv3` arguments of a darknet YOLOv3 cfg.
+
+    Reads ``[net]`` (input size, channels), the three ``[yolo]`` sections (classes, anchors, masks,
+    ``ignore_thresh``), the first conv (``initial_filters``) and the 3x3 head conv before each
+    ``[yolo]`` (``2 f_k``: the FPN widths), then checks that :func:`yolov3_cfg` of these arguments
+    has exactly the convs of ``cfg`` (kernel shapes, strides, batch norm), so that a model built
+    from them reads the cfg's ``.weights``.
+
+    Args:
+        cfg: cfg text, a path, or the sections of :func:`parse_cfg`.
+
+    Returns:
+        ``{"num_classes", "image_size", "initial_filters", "neck_filters", "anchors", "masks",
+        "ignore_thresh"}``.
+
+    Raises:
+        ValueError: not a 3-output YOLOv3 cfg (naming the first conv that differs, or what is
+            missing), inconsistent classes / anchors between the ``[yolo]`` sections, or input
+            channels other than 3.
+    """
+    sections = _as_sections(cfg)
+    if not sections or sections[0]["type"] != "net":
+        raise ValueError("yolov3_config_from_cfg: the cfg must start with a [net] section")
+    net = sections[0]
+    if int(net.get("channels", 3)) != 3:
+        raise ValueError(
+            f"yolov3_config_from_cfg: YOLOv3 takes 3 channels, [net] has {net['channels']}"
+        )
+    yolo = [k for k, section in enumerate(sections) if section["type"] == "yolo"]
+    if len(yolo) != 3:
+        raise ValueError(f"yolov3_config_from_cfg: expected 3 [yolo] sections, found {len(yolo)}")
+    heads = [sections[k] for k in yolo]
+    for key in ("classes", "anchors", "mask"):
+        if any(key not in head for head in heads):
+            raise ValueError(f"yolov3_config_from_cfg: a [yolo] section has no {key!r}")
+    num_classes = int(heads[0]["classes"])
+    anchors = np.asarray(heads[0]["anchors"], np.float64).reshape(-1, 2)
+    for head in heads[1:]:
+        if int(head["classes"]) != num_classes or not np.array_equal(
+            np.asarray(head["anchors"], np.float64).reshape(-1, 2), anchors
+        ):
+            raise ValueError(
+                "yolov3_config_from_cfg: the [yolo] sections disagree on classes or anchors"
+            )
+    convs = [s for s in sections[1:] if s["type"] == "convolutional"]
+    config = {
+        "num_classes": num_classes,
+        "image_size": (int(net["height"]), int(net["width"])),
+        "initial_filters": int(convs[0]["filters"]),
+        "neck_filters": tuple(int(sections[k - 2]["filters"]) // 2 for k in yolo),
+        "anchors": anchors.tolist(),
+        "masks": [[int(i) for i in np.atleast_1d(head["mask"])] for head in heads],
+        "ignore_thresh": float(heads[0].get("ignore_thresh", 0.5)),
+    }
+    expected = conv_specs(
+        yolov3_cfg(
+            num_classes, anchors, config["masks"], (*config["image_size"], 3),
+            config["initial_filters"], config["neck_filters"], config["ignore_thresh"],
+        )
+    )  # fmt: skip
+    given = conv_specs(sections)
+    for want, got in zip(expected, given, strict=False):
+        if (want.kernel_shape, want.stride, bool(want.batch_normalize)) != (
+            got.kernel_shape, got.stride, bool(got.batch_normalize)
+        ):  # fmt: skip
+            raise ValueError(
+                f"yolov3_config_from_cfg: conv {got.index} (cfg layer {got.layer}) is "
+                f"{got.kernel_shape} stride {got.stride} batch_normalize "
+                f"{int(bool(got.batch_normalize))}; YOLOv3 with these settings has "
+                f"{want.kernel_shape} stride {want.stride} batch_normalize "
+                f"{int(bool(want.batch_normalize))}"
+            )
+    if len(expected) != len(given):
+        raise ValueError(
+            f"yolov3_config_from_cfg: the cfg has {len(given)} convs, YOLOv3 has {len(expected)}"
+        )
+    return config
 
 
 def _as_unit(entry, i):

@@ -36,7 +36,7 @@ import tensorflow as tf
 from dlnotes.anchors import YOLO_COCO_ANCHORS, YOLO_MASKS, YoloAnchors
 from dlnotes.backbones.darknet import build_darknet53
 from dlnotes.boxes import clip_boxes, yolo_decode
-from dlnotes.darknet_io import darknet_units
+from dlnotes.darknet_io import darknet_units, load_darknet_weights, yolov3_config_from_cfg
 from dlnotes.losses import yolo_loss
 from dlnotes.matching import assign_yolo_targets
 from dlnotes.models.detector import Detector, check_targets
@@ -242,6 +242,22 @@ class YOLOv3(Detector):
         if preset not in PRESETS:
             raise ValueError(f"Unknown preset {preset!r}; expected one of {sorted(PRESETS)}.")
         return cls(num_classes=num_classes, **{**PRESETS[preset], **overrides})
+
+    @classmethod
+    def from_darknet_cfg(cls, cfg, weights=None, **overrides):
+        """A model with the architecture of a darknet YOLOv3 cfg (e.g. darknet's ``yolov3.cfg``),
+        optionally with its ``.weights`` loaded.
+
+        Args:
+            cfg: cfg text, a path or :func:`~dlnotes.darknet_io.parse_cfg` sections (see
+                :func:`~dlnotes.darknet_io.yolov3_config_from_cfg`).
+            weights: optional path of the matching darknet ``.weights`` file.
+            **overrides: other constructor arguments (e.g. ``score_threshold``).
+        """
+        model = cls(**{**yolov3_config_from_cfg(cfg), **overrides})
+        if weights is not None:
+            load_darknet_weights(model, weights, cfg=cfg)
+        return model
 
     def build(self, input_shape):
         images = keras.KerasTensor(tuple(input_shape))

@@ -19,6 +19,7 @@ from dlnotes.darknet_io import (
     save_darknet_weights,
     weights_file_size,
     yolov3_cfg,
+    yolov3_config_from_cfg,
 )
 from dlnotes.models.yolov3 import PRESETS, YOLOv3
 
@@ -230,6 +231,36 @@ def test_darknet_weights_round_trip(tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError):  # another class count does not fit the file
         load_darknet_weights(YOLOv3(num_classes=5, **SMALL), path)
+
+
+def test_model_from_a_darknet_cfg(tmp_path):
+    # The official 80-class cfg gives the paper's configuration.
+    config = yolov3_config_from_cfg(yolov3_cfg(80))
+    assert config["num_classes"] == 80 and config["image_size"] == (416, 416)
+    assert config["initial_filters"] == 32 and config["neck_filters"] == (512, 256, 128)
+    np.testing.assert_array_equal(config["anchors"], YOLO_COCO_ANCHORS)
+    assert config["masks"] == [[6, 7, 8], [3, 4, 5], [0, 1, 2]] and config["ignore_thresh"] == 0.5
+
+    # A small cfg and its weights: the model built from them computes what the source did.
+    source = _small(anchors=np.round(YOLO_COCO_ANCHORS / 6.5).tolist())  # a cfg stores 6 digits
+    _randomise_bn(source, seed=2)
+    cfg = yolov3_cfg(
+        NUM_CLASSES, anchors=source.yolo_anchors, input_shape=(*SIZE, 3), initial_filters=4
+    )
+    (tmp_path / "small.cfg").write_text(cfg)
+    save_darknet_weights(source, tmp_path / "small.weights")
+    built = YOLOv3.from_darknet_cfg(tmp_path / "small.cfg", weights=tmp_path / "small.weights")
+    assert built.get_config() == {**source.get_config(), "name": built.name}
+    x = _images(2)
+    for a, b in zip(source(x), built(x), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # A cfg that is not YOLOv3 names the first conv that differs.
+    broken = cfg.replace("filters=8\n", "filters=12\n", 1)
+    with pytest.raises(ValueError, match="conv 1 .*YOLOv3 with these settings"):
+        yolov3_config_from_cfg(broken)
+    with pytest.raises(ValueError, match="3 \\[yolo\\] sections"):
+        yolov3_config_from_cfg(cfg.split("[yolo]")[0])
 
 
 def test_jit_compiled_training_matches_graph_training():
