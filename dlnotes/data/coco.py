@@ -585,8 +585,10 @@ class CocoDataset:
             image = tf.io.decode_image(
                 tf.io.read_file(item["path"]), channels=3, expand_animations=False
             )
-            # a JSON height/width that disagrees with the file would silently misplace boxes
-            tf.debugging.Assert(
+            # a JSON height/width that disagrees with the file would silently misplace boxes;
+            # everything downstream (resize, ensure_shape) waits for the check, so it is this
+            # message, naming the file, that the user sees
+            size_check = tf.debugging.Assert(
                 tf.reduce_all(tf.equal(tf.shape(image)[:2], item["size"])),
                 [
                     "decoded image size (height, width) differs from the JSON:",
@@ -595,6 +597,8 @@ class CocoDataset:
                     item["size"],
                 ],
             )
+            with tf.control_dependencies([size_check]):
+                image = tf.identity(image)
             image_boxes, image_kps = item["boxes"], item.get("keypoints")
             flipped = tf.constant(False)
             if horizontal_flip:
