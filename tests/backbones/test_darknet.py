@@ -218,7 +218,10 @@ def test_jit_compile_matches_eager(small):
     x = np.random.default_rng(4).uniform(size=(1, 64, 64, 3)).astype("float32")
     compiled = tf.function(lambda t: small(t, training=False), jit_compile=True)
     for a, b in zip(compiled(x), small(x, training=False), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+        # XLA and oneDNN sum in different orders: compare at the scale of the features (here
+        # thousands, with cancellations down to single digits).
+        scale = float(np.abs(b).max())
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
 # ----------------------------------------------------------------------------- arguments
