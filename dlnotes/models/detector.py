@@ -64,6 +64,17 @@ class Detector(keras.Model):
         term_weights: weight of a term in the total loss (1 for the terms it does not name).
     """
 
+    #: Named constructor settings of the subclass (``from_preset``); set by each detector.
+    presets: dict = {}
+
+    @classmethod
+    def from_preset(cls, preset, num_classes, **overrides):
+        """A model from the class's presets (e.g. ``RetinaNet.from_preset("retinanet_resnet50_fpn",
+        80)``), ``overrides`` on top."""
+        if preset not in cls.presets:
+            raise ValueError(f"Unknown preset {preset!r}; expected one of {sorted(cls.presets)}.")
+        return cls(num_classes=num_classes, **{**cls.presets[preset], **overrides})
+
     def __init__(self, num_classes, loss_terms, term_weights=None, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = check_num_classes(num_classes)
@@ -140,8 +151,7 @@ class Detector(keras.Model):
                 f"{type(self).__name__} does not support sample_weight / class_weight: its loss "
                 "already weights and normalises the anchors / cells."
             )
-        check_targets(type(self).__name__, y)
-        terms = self.loss_terms(y, y_pred)
+        terms = self.loss_terms(y, y_pred)  # each detector checks its targets
         total = tf.add_n([self.term_weights.get(k, 1.0) * v for k, v in terms.items()])
         replicas = tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, tf.float32)
         for loss in self.losses:  # regularisers, if a user adds some: Keras' per-replica scaling

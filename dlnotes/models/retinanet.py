@@ -196,6 +196,8 @@ class RetinaNet(Detector):
         neck_kwargs: extra keyword arguments of the neck constructor.
     """
 
+    presets = PRESETS
+
     def __init__(
         self,
         num_classes,
@@ -288,13 +290,6 @@ class RetinaNet(Detector):
         self.build((None, *self.image_size, 3))
 
     # ------------------------------------------------------------------ construction
-
-    @classmethod
-    def from_preset(cls, preset, num_classes, **overrides):
-        """A model from :data:`PRESETS` (e.g. ``"retinanet_resnet50_fpn"``), ``overrides`` on top."""
-        if preset not in PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; expected one of {sorted(PRESETS)}.")
-        return cls(num_classes=num_classes, **{**PRESETS[preset], **overrides})
 
     def build(self, input_shape):
         images = keras.KerasTensor(tuple(input_shape))

@@ -164,6 +164,8 @@ class YOLOv3(Detector):
             evaluation uses score 0.005, NMS 0.45; 100 detections as COCO counts).
     """
 
+    presets = PRESETS
+
     def __init__(
         self,
         num_classes,
@@ -235,13 +237,6 @@ class YOLOv3(Detector):
             for k, f in enumerate(self.neck_filters)
         ]  # fmt: skip
         self.build((None, *self.image_size, 3))
-
-    @classmethod
-    def from_preset(cls, preset, num_classes, **overrides):
-        """A model from :data:`PRESETS` (e.g. ``"yolov3_darknet53_416"``), ``overrides`` on top."""
-        if preset not in PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; expected one of {sorted(PRESETS)}.")
-        return cls(num_classes=num_classes, **{**PRESETS[preset], **overrides})
 
     @classmethod
     def from_darknet_cfg(cls, cfg, weights=None, **overrides):
@@ -325,9 +320,9 @@ class YOLOv3(Detector):
     # ------------------------------------------------------------------ training
 
     def compute_targets(self, boxes, labels):
-        """Per-level ``y_true`` ``(B, H_l, W_l, A, 4 + 1 + C)`` for padded GT (stride 32 first),
-        from GT boxes clipped to the image; see :func:`~dlnotes.matching.assign_yolo_targets`."""
-        boxes = clip_boxes(tf.cast(boxes, tf.float32), self.image_size)
+        """Per-level ``y_true`` ``(B, H_l, W_l, A, 4 + 1 + C)`` for padded GT (stride 32 first);
+        :func:`~dlnotes.matching.assign_yolo_targets` clips the boxes to the image."""
+        boxes = tf.cast(boxes, tf.float32)
         labels = self.checked_labels(labels)
         return assign_yolo_targets(
             boxes, labels, self.yolo_anchors, self.image_size, self.num_classes,
@@ -342,7 +337,7 @@ class YOLOv3(Detector):
                 "YOLOv3 predictions must be the list of 3 output grids of call(), got "
                 f"{type(y_pred).__name__}."
             )
-        boxes = clip_boxes(tf.cast(y["boxes"], tf.float32), self.image_size)
+        boxes = tf.cast(y["boxes"], tf.float32)  # clipped by the assignment and the loss
         labels = tf.cast(y["labels"], tf.int32)
         y_true = self.compute_targets(boxes, labels)
         terms = yolo_loss(
