@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from dlnotes.anchors import YoloAnchors
 from dlnotes.boxes import clip_boxes, pairwise_iou
+from dlnotes.checks import check_num_classes
 
 __all__ = [
     "FORCE_BEST_MODES",
@@ -398,9 +399,7 @@ def assign_yolo_targets(gt_boxes, gt_labels, anchors, image_shape, num_classes, 
         raise ValueError(f"rule must be one of {YOLO_ASSIGN_RULES}, got {rule!r}.")
     if not isinstance(anchors, YoloAnchors):
         raise ValueError(f"`anchors` must be a dlnotes.anchors.YoloAnchors, got {anchors!r}.")
-    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
-    num_classes = int(num_classes)
+    num_classes = check_num_classes(num_classes)
     grids = anchors.level_shapes(image_shape)  # validates divisibility
     height, width = grids[0][0] * anchors.strides[0], grids[0][1] * anchors.strides[0]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from dlnotes.boxes import clip_boxes, remove_small_boxes
+from dlnotes.checks import positive_int
 
 __all__ = ["ACTIVATIONS", "batched_nms", "decode_detections"]
 
@@ -92,12 +93,11 @@ def batched_nms(
         )
     if not 0.0 <= iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold!r}.")
-    if int(max_detections) != max_detections or max_detections < 1:
-        raise ValueError(f"max_detections must be a positive integer, got {max_detections!r}.")
+    max_detections = positive_int(max_detections, "max_detections")
     if class_agnostic and max_per_class is not None:
         raise ValueError("max_per_class only applies to per-class NMS (class_agnostic=False).")
-    if max_per_class is not None and max_per_class < 1:
-        raise ValueError(f"max_per_class must be a positive integer, got {max_per_class!r}.")
+    if max_per_class is not None:
+        max_per_class = positive_int(max_per_class, "max_per_class")
 
     if pre_nms_top_k is not None:
         num_boxes = boxes.shape[1]

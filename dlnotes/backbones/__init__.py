@@ -1,33 +1,48 @@
 """Backbones: feature extractors that return multi-level feature maps for the detectors.
 
-* :mod:`dlnotes.backbones.resnet` — ResNet-18/34/50/101/152 and ResNeXt-50/101 (32x4d), returning
-  ``[C3, C4, C5]`` (strides 8, 16, 32) through the single entry point :func:`build_backbone`.
-* :mod:`dlnotes.backbones.darknet` — Darknet-53, YOLOv3's body (conv-BN-leaky, residual 1x1 + 3x3
-  blocks, ``initial_filters`` knob), returning ``[C3, C4, C5]`` through
-  :func:`build_darknet53`; darknet ``.cfg`` / ``.weights`` conversion is in
-  :mod:`dlnotes.darknet_io`.
+Every backbone is built by name through the registry (:mod:`dlnotes.backbones.registry`):
+``build_backbone(name, input_shape, weights, **knobs)`` returns a functional ``keras.Model``
+mapping images to ``[C3, C4, C5]`` (strides 8, 16, 32), and ``preprocess_for(name)`` the layer
+that maps RGB ``[0, 255]`` images to its input. :data:`BACKBONES` lists the names.
+
+* :mod:`dlnotes.backbones.resnet` — ResNet-18/34/50/101/152 and ResNeXt-50/101 (32x4d), and a
+  tiny CPU variant (:func:`build_resnet`).
+* :mod:`dlnotes.backbones.darknet` — Darknet-53, YOLOv3's body (conv-BN-leaky, residual
+  1x1 + 3x3 blocks, ``initial_filters`` knob; :func:`build_darknet53`); darknet ``.cfg`` /
+  ``.weights`` conversion is in :mod:`dlnotes.darknet_io`.
+* :mod:`dlnotes.backbones.weights` — what every family shares: the conv initializer, loading
+  ``.weights.h5`` files with clear errors, copying weights by layer name (keras.applications).
+* :mod:`dlnotes.backbones.preprocessing` — the input conventions (caffe, torch, unit).
 """
 
 from dlnotes.backbones.darknet import DARKNET53_BLOCKS, DARKNET53_OUTPUT_LAYERS, build_darknet53
-from dlnotes.backbones.resnet import (
+from dlnotes.backbones.preprocessing import ImagePreprocessing
+from dlnotes.backbones.registry import (
     BACKBONES,
-    IMAGENET_WEIGHTS,
-    ImagePreprocessing,
+    Backbone,
     build_backbone,
-    copy_weights_by_name,
     output_strides,
     preprocess_for,
+    register_backbone,
 )
+from dlnotes.backbones.resnet import IMAGENET_WEIGHTS, RESNETS, build_resnet
+from dlnotes.backbones.weights import copy_weights_by_name, kernel_initializer, load_weights_file
 
 __all__ = [
     "BACKBONES",
     "DARKNET53_BLOCKS",
     "DARKNET53_OUTPUT_LAYERS",
     "IMAGENET_WEIGHTS",
+    "RESNETS",
+    "Backbone",
     "ImagePreprocessing",
     "build_backbone",
     "build_darknet53",
+    "build_resnet",
     "copy_weights_by_name",
+    "kernel_initializer",
+    "load_weights_file",
     "output_strides",
     "preprocess_for",
+    "register_backbone",
 ]

@@ -41,7 +41,7 @@ BatchNorm; darknet files have no slot for it and :mod:`dlnotes.darknet_io` folds
 moving mean on save.
 
 **Initialisation**: kernels use He-normal on fan-out, ``VarianceScaling(2.0, "fan_out",
-"untruncated_normal")``, the initializer of :mod:`dlnotes.backbones.resnet`. Darknet itself
+"untruncated_normal")``, the initializer of every dlnotes backbone. Darknet itself
 draws ``N(0, 2 / fan_in)``, the same He family; since BatchNorm follows every conv the
 fan-in / fan-out choice does not change the scale of the activations, and one initializer across
 the package's backbones keeps backbone comparisons about architecture, not initialisation.
@@ -60,35 +60,23 @@ The model works inside ``tf.function(jit_compile=True)`` (stock layers only).
 
 from __future__ import annotations
 
-import collections
 import os
 from collections.abc import Sequence
 
-import h5py
 import keras
 import numpy as np
 from keras import layers
 
-from dlnotes.backbones.resnet import _load_weights_file
+from dlnotes.backbones.weights import kernel_initializer, load_weights_file
+from dlnotes.checks import positive_int
+from dlnotes.darknet_io import load_darknet_weights
+from dlnotes.darknet_layout import DARKNET53_BLOCKS, DARKNET53_OUTPUT_LAYERS
 
-__all__ = ["DARKNET53_BLOCKS", "DARKNET53_OUTPUT_LAYERS", "build_darknet53"]
-
-#: Residual blocks in Darknet-53's five stages (strides 2, 4, 8, 16, 32).
-DARKNET53_BLOCKS: tuple[int, ...] = (1, 2, 8, 8, 4)
-
-#: Darknet layer index of each output ``C3``, ``C4``, ``C5`` (``[route] layers = -1, 61`` ...).
-DARKNET53_OUTPUT_LAYERS: dict[str, int] = {"C3": 36, "C4": 61, "C5": 74}
+__all__ = ["DARKNET53_BLOCKS", "DARKNET53_OUTPUT_LAYERS", "build_darknet53", "preprocessing_mode"]
 
 _MIN_SIZE = 32  # five floor(n / 2) steps must leave C5 at least 1 pixel
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
-
-
-def _kernel_initializer():
-    # Same as dlnotes.backbones.resnet (see the module docstring for why).
-    return keras.initializers.VarianceScaling(
-        scale=2.0, mode="fan_out", distribution="untruncated_normal"
-    )
 
 
 class _Builder:
@@ -115,7 +103,7 @@ class _Builder:
             strides=stride,
             padding=padding,
             use_bias=self.use_bias,
-            kernel_initializer=_kernel_initializer(),
+            kernel_initializer=kernel_initializer(),
             name=f"conv{i}",
         )(x)
         x = layers.BatchNormalization(
@@ -139,12 +127,6 @@ class _Builder:
 # ----------------------------------------------------------------------------- validation
 
 
-def _positive_int(value, what):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"build_darknet53: {what} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _resolve_input_shape(input_shape):
     try:
         shape = tuple(input_shape)
@@ -159,7 +141,7 @@ def _resolve_input_shape(input_shape):
         )
     for dim in shape:
         if dim is not None:
-            _positive_int(dim, f"every entry of input_shape {shape}")
+            positive_int(dim, f"every entry of input_shape {shape}", "build_darknet53")
     for dim, what in zip(shape[:2], ("height", "width"), strict=True):
         if dim is not None and dim < _MIN_SIZE:
             raise ValueError(
@@ -201,34 +183,6 @@ def _weights_kind(weights):
             )
         return "keras", path
     return "darknet", path
-
-
-def _check_h5_shapes(model, path, knobs):
-    """Compares the variable shapes of a ``.weights.h5`` file with the model's (as multisets).
-
-    Keras would report a mismatch with a dump of the whole variable; this names the knobs.
-    """
-    saved = []
-
-    def collect(key, obj):  # must return None: h5py stops visiting at any other value
-        if isinstance(obj, h5py.Dataset):
-            saved.append(tuple(obj.shape))
-
-    try:
-        with h5py.File(path, "r") as f:
-            f.visititems(collect)
-    except OSError as err:
-        raise ValueError(f"build_darknet53: {path!r} is not a readable HDF5 file ({err})") from err
-    expected = collections.Counter(tuple(w.shape) for w in model.weights)
-    found = collections.Counter(saved)
-    if found != expected:
-        extra = sorted((found - expected).elements())[:3]
-        missing = sorted((expected - found).elements())[:3]
-        raise ValueError(
-            f"build_darknet53: {path!r} does not fit this body ({knobs}): it holds "
-            f"{len(saved)} variables, the body {len(model.weights)}; shapes only in the file "
-            f"{extra}, only in the body {missing}. Was it saved from a body with other knobs?"
-        )
 
 
 # ----------------------------------------------------------------------------- public API
@@ -273,7 +227,7 @@ def build_darknet53(
             not fit this architecture (wrong knobs, truncated or too long).
         FileNotFoundError: the weights file does not exist.
     """
-    f = _positive_int(initial_filters, "initial_filters")
+    f = positive_int(initial_filters, "initial_filters", "build_darknet53")
     input_shape = _resolve_input_shape(input_shape)
     weights_kind = _weights_kind(weights)
     negative_slope = float(negative_slope)
@@ -297,11 +251,14 @@ def build_darknet53(
         kind, path = weights_kind
         if kind == "keras":
             knobs = f"initial_filters={f}, use_bias={bool(use_bias)}, {input_shape[-1]} channels"
-            _check_h5_shapes(model, path, knobs)
-            _load_weights_file(model, path)
+            load_weights_file(model, path, knobs)
         else:
-            # Imported here because dlnotes.darknet_io writes its cfg from this module's constants.
-            from dlnotes.darknet_io import load_darknet_weights
-
             load_darknet_weights(model, path)
     return model
+
+
+def preprocessing_mode(weights: str | os.PathLike | None = None) -> str:
+    """``"unit"``: darknet's input is RGB ``image / 255``, with no mean or std, for any weights
+    (validated as in :func:`build_darknet53`)."""
+    _weights_kind(weights)
+    return "unit"

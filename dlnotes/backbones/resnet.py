@@ -1,6 +1,7 @@
 """ResNet and ResNeXt backbones: Keras 3 functional models that return the C3, C4, C5 feature maps.
 
-Every backbone is built by :func:`build_backbone` and is a plain ``keras.Model`` made of stock
+Every backbone is built by :func:`build_resnet` (or by name through the registry,
+:func:`dlnotes.backbones.build_backbone`) and is a plain ``keras.Model`` made of stock
 ``keras.layers`` (no custom layer), with deterministic layer names::
 
     backbone = build_backbone("resnet50")            # input (B, H, W, 3) float32
@@ -12,7 +13,7 @@ Outputs
     i.e. strides 8, 16 and 32. Each output is an identity layer named ``"C3"``, ``"C4"``,
     ``"C5"`` placed after the last block of its stage (the post-ReLU ``conv{l}_block{n}_out``
     tensor), so a detector recovers the level and stride from ``backbone.output_names`` (stride
-    ``2**level``, see :func:`output_strides`) and the channels from
+    ``2**level``, see :func:`dlnotes.backbones.output_strides`) and the channels from
     ``backbone.outputs[i].shape[-1]``, both of which survive ``save`` / ``load_model``. C2
     (stride 4) is ``backbone.get_layer("conv2_block{n}_out").output`` for a neck that needs it.
 
@@ -25,7 +26,7 @@ gradient on every feature map of a train step.
 * ``resnet50``, ``resnet101``, ``resnet152`` follow ``keras.applications.ResNet50/101/152``
   layer for layer but for the conv biases (ResNet v1: stride on the first 1x1 conv of a block,
   BatchNorm epsilon 1.001e-5). Their weights copy by layer name from keras.applications
-  (:func:`copy_weights_by_name`, which folds each keras.applications conv bias exactly into the
+  (:func:`dlnotes.backbones.copy_weights_by_name`, which folds each keras.applications conv bias exactly into the
   following BatchNorm's moving mean); that is how ``weights="imagenet"`` works.
   ResNet-50 has 23,561,152 parameters, exactly keras-hub's ResNet-50. keras.applications'
   ``include_top=False`` ResNet-50 has 23,587,712: + 26,560 conv biases, one per BatchNorm
@@ -48,7 +49,8 @@ torchvision's rule ``width = int(planes * width_per_group / 64) * groups`` for t
 ResNet-18 layout with ``base_filters=16`` and one block per stage (0.31 M parameters; output
 channels 32, 64, 128) that trains on a CPU.
 
-Preprocessing (the detector applies it; :func:`preprocess_for` returns the layer to put in front):
+Preprocessing (the detector applies it; :func:`dlnotes.backbones.preprocess_for` returns the layer
+to put in front, :func:`preprocessing_mode` its mode):
 images are RGB float ``(B, H, W, 3)`` with values in ``[0, 255]``.
 
 * ``resnet50/101/152``: caffe style, exactly ``keras.applications.resnet.preprocess_input``:
@@ -69,23 +71,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from collections.abc import Sequence
 
-import h5py
 import keras
-import numpy as np
-from keras import layers, ops
+from keras import layers
 
-__all__ = [
-    "BACKBONES",
-    "IMAGENET_WEIGHTS",
-    "ImagePreprocessing",
-    "build_backbone",
-    "copy_weights_by_name",
-    "output_strides",
-    "preprocess_for",
-]
+from dlnotes.backbones.weights import copy_weights_by_name, kernel_initializer, load_weights_file
+from dlnotes.checks import positive_int
+
+__all__ = ["IMAGENET_WEIGHTS", "RESNETS", "build_resnet", "describe", "preprocessing_mode"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +124,8 @@ _SPECS: dict[str, _Spec] = {
     ),
 }
 
-#: Names accepted by :func:`build_backbone`.
-BACKBONES: tuple[str, ...] = tuple(_SPECS)
+#: Names accepted by :func:`build_resnet` (and :func:`dlnotes.backbones.build_backbone`).
+RESNETS: tuple[str, ...] = tuple(_SPECS)
 
 #: Backbones with ``weights="imagenet"``: the keras.applications constructor of each.
 IMAGENET_WEIGHTS: dict[str, str] = {
@@ -143,13 +137,6 @@ IMAGENET_WEIGHTS: dict[str, str] = {
 _KERAS_BN_EPSILON = 1.001e-5  # keras.applications.resnet
 _TORCH_BN_EPSILON = 1e-5  # torch.nn.BatchNorm2d default
 _STAGE_STRIDES = (1, 2, 2, 2)  # conv2 follows the stride-4 stem; conv3..conv5 halve the size
-
-
-def _kernel_initializer():
-    # torchvision: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu").
-    return keras.initializers.VarianceScaling(
-        scale=2.0, mode="fan_out", distribution="untruncated_normal"
-    )
 
 
 def _conv(x, filters, kernel_size, stride, name, groups=1):
@@ -172,7 +159,7 @@ def _conv(x, filters, kernel_size, stride, name, groups=1):
         padding=padding,
         groups=groups,
         use_bias=False,  # the following BatchNorm's beta is the bias
-        kernel_initializer=_kernel_initializer(),
+        kernel_initializer=kernel_initializer(),
         name=name,
     )(x)
 
@@ -236,7 +223,7 @@ def _stem(x, spec):
         7,
         strides=2,
         use_bias=False,
-        kernel_initializer=_kernel_initializer(),
+        kernel_initializer=kernel_initializer(),
         name="conv1_conv",
     )(x)
     x = _bn(x, "conv1_bn", spec)
@@ -249,27 +236,19 @@ def _stem(x, spec):
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_positive_int(value, what, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: {what} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _resolve_spec(name, base_filters, blocks, groups, width_per_group):
     if not isinstance(name, str) or name not in _SPECS:
-        raise ValueError(f"Unknown backbone {name!r}; expected one of {list(BACKBONES)}")
+        raise ValueError(f"Unknown ResNet {name!r}; expected one of {list(RESNETS)}")
     spec = _SPECS[name]
     changes = {}
     if base_filters is not None:
-        changes["base_filters"] = _check_positive_int(base_filters, "base_filters", name)
+        changes["base_filters"] = positive_int(base_filters, "base_filters", name)
     if blocks is not None:
         if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence) or len(blocks) != 4:
             raise ValueError(
                 f"{name}: blocks must be 4 positive ints (blocks in conv2..conv5), got {blocks!r}"
             )
-        changes["blocks"] = tuple(
-            _check_positive_int(b, "every entry of blocks", name) for b in blocks
-        )
+        changes["blocks"] = tuple(positive_int(b, "every entry of blocks", name) for b in blocks)
     for knob, value in (("groups", groups), ("width_per_group", width_per_group)):
         if value is None:
             continue
@@ -279,7 +258,7 @@ def _resolve_spec(name, base_filters, blocks, groups, width_per_group):
                 f"(resnext50_32x4d, resnext101_32x4d); {name} has plain "
                 f"{'basic' if spec.block == 'basic' else 'keras.applications'} blocks"
             )
-        changes[knob] = _check_positive_int(value, knob, name)
+        changes[knob] = positive_int(value, knob, name)
     spec = dataclasses.replace(spec, **changes)
     if spec.grouped and int(spec.base_filters * spec.width_per_group / 64) < 1:
         raise ValueError(
@@ -302,7 +281,7 @@ def _resolve_input_shape(input_shape, name):
         )
     for dim in shape:
         if dim is not None:
-            _check_positive_int(dim, f"every entry of input_shape {shape}", name)
+            positive_int(dim, f"every entry of input_shape {shape}", name)
     return shape
 
 
@@ -343,7 +322,7 @@ def _check_weights_arg(name, weights, spec):
 # ----------------------------------------------------------------------------- public API
 
 
-def build_backbone(
+def build_resnet(
     name: str,
     input_shape: Sequence[int | None] = (None, None, 3),
     weights: str | os.PathLike | None = None,
@@ -356,9 +335,9 @@ def build_backbone(
     """Build a ResNet / ResNeXt feature extractor.
 
     Args:
-        name: one of :data:`BACKBONES`.
+        name: one of :data:`RESNETS`.
         input_shape: ``(H, W, C)``, channels last; ``H``/``W`` may be None (any size, including
-            odd sizes: every stride-2 step rounds up). Input values as :func:`preprocess_for`
+            odd sizes: every stride-2 step rounds up). Input values as ``preprocess_for``
             produces them.
         weights: None (random init), ``"imagenet"`` (resnet50/101/152 only; downloads the
             keras.applications weights and copies them by layer name, folding their conv biases
@@ -408,290 +387,32 @@ def build_backbone(
         copy_weights_by_name(source, model)
     elif kind == "file":
         published = IMAGENET_WEIGHTS.get(name) if spec == _SPECS[name] else None
-        _load_weights_file(model, os.fspath(weights), published)
+        knobs = f"base_filters={spec.base_filters}, blocks={spec.blocks}"
+        if spec.grouped:
+            knobs += f", groups={spec.groups}, width_per_group={spec.width_per_group}"
+        load_weights_file(model, os.fspath(weights), knobs, keras_app=published)
     return model
 
 
-def _load_weights_file(model, path, keras_app=None):
-    """``model.load_weights`` with a clear error when the file belongs to another architecture.
-
-    Keras' ``.weights.h5`` stores variables by layer *position* (``layers/conv2d_7/vars/0``), not
-    by layer name, so a file only fits a model built with the same name and knobs. The variable
-    count is checked first (Keras would skip surplus entries with warnings only; a file with
-    surplus *conv* variables, one per conv, comes from an older dlnotes build with conv biases),
-    then Keras checks every shape. ``keras_app``: the keras.applications constructor of the
-    same architecture, if any, for the error message.
-    """
-    saved = []
-
-    def collect(key, obj):  # must return None: h5py stops visiting at any other value
-        if isinstance(obj, h5py.Dataset):
-            saved.append(key)
-
-    try:
-        with h5py.File(path, "r") as f:
-            f.visititems(collect)
-    except OSError as err:
-        raise ValueError(f"{model.name}: {path!r} is not a readable HDF5 file ({err})") from err
-    if len(saved) != len(model.weights):
-        # keys look like "layers/conv2d_7/vars/1"; Keras names the groups after the layer class
-        saved_conv = sum(1 for key in saved if key.split("/")[1].startswith("conv2d"))
-        convs = [layer for layer in model.layers if isinstance(layer, layers.Conv2D)]
-        model_conv = sum(len(layer.weights) for layer in convs)
-        if saved_conv - model_conv == len(saved) - len(model.weights) == len(convs):
-            biased = (
-                f"keras.applications.{keras_app}(include_top=False, weights=None)"
-                if keras_app
-                else "this backbone rebuilt with use_bias=True convs"
-            )
-            raise ValueError(
-                f"{model.name}: {path!r} was saved from a backbone with conv biases (an older "
-                f"dlnotes build: {saved_conv} conv variables, this backbone has {model_conv}). "
-                f"Load it into {biased} and copy_weights_by_name() that into this backbone, "
-                "which folds the biases into the BatchNorms."
-            )
-        raise ValueError(
-            f"{model.name}: {path!r} holds {len(saved)} variables but this backbone has "
-            f"{len(model.weights)}; it was saved from a backbone with another name or knobs"
-        )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            model.load_weights(path)
-        except (ValueError, KeyError) as err:
-            raise ValueError(
-                f"{model.name}: could not load {path!r} into this backbone; was it saved from a "
-                f"backbone built with the same name and knobs? ({err})"
-            ) from err
-    # Keras only warns when it skips part of a file, leaving those layers at random init.
-    skipped = [str(w.message) for w in caught if "Skipping" in str(w.message)]
-    if skipped:
-        raise ValueError(f"{model.name}: {path!r} did not fit every layer: {skipped[0]}")
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-
-
-def _feeds(conv, bn):
-    """Whether ``bn``'s input is ``conv``'s output itself (False if either is called twice)."""
-    try:
-        return bn.input is conv.output
-    except (AttributeError, ValueError):  # a layer called more than once has no single tensor
-        return False
-
-
-def _batch_norm_after(model, conv):
-    """The BatchNormalization of ``model`` applied directly to ``conv``'s output, or None.
-
-    Found by keras.applications' naming, the ``_conv`` suffix replaced by ``_bn``
-    (``conv1_conv`` -> ``conv1_bn``, ``conv2_block1_1_conv`` -> ``conv2_block1_1_bn``,
-    ``conv2_block1_0_conv`` -> ``conv2_block1_0_bn``), else as the only BatchNormalization that
-    consumes the conv's output. Either way it must consume that output directly, over the conv's
-    channel axis, or a bias folded into it would not be exact.
-    """
-    candidates = []
-    if conv.name.endswith("_conv"):
-        try:
-            candidates = [model.get_layer(conv.name[: -len("_conv")] + "_bn")]
-        except ValueError:
-            pass
-    candidates = [c for c in candidates if isinstance(c, layers.BatchNormalization)]
-    if not candidates or not _feeds(conv, candidates[0]):
-        candidates = [
-            layer
-            for layer in model.layers
-            if isinstance(layer, layers.BatchNormalization) and _feeds(conv, layer)
-        ]
-    if len(candidates) != 1:
-        return None
-    bn = candidates[0]
-    rank = len(conv.output.shape)
-    channel_axis = rank - 1 if conv.data_format == "channels_last" else 1
-    axes = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
-    if [a % rank for a in axes] != [channel_axis]:
-        return None
-    return bn
-
-
-def copy_weights_by_name(source: keras.Model, target: keras.Model, *, strict: bool = True) -> int:
-    """Copy layer weights from ``source`` into ``target`` for every layer name they share.
-
-    Used to load keras.applications' ImageNet ResNets into :func:`build_backbone` models (the
-    layer names and weight layouts are the same but for the conv biases); works for any pair of
-    models.
-
-    A conv that has a bias in ``source`` but none in ``target`` gets the kernel only, and its
-    bias ``b`` is folded exactly into the BatchNorm that follows it: in inference mode
-    ``BN(conv(x) + b) = gamma * (conv(x) + b - mean) / sqrt(var + eps) + beta``, so the target
-    BN's ``moving_mean`` becomes ``mean - b`` (gamma, beta and the variance unchanged); in
-    training mode the batch mean absorbs ``b`` anyway. That BN is found by keras.applications'
-    naming (``conv2_block1_1_conv`` -> ``conv2_block1_1_bn``, ``conv1_conv`` -> ``conv1_bn``)
-    or else as the only BatchNormalization consuming the conv's output; in both models it must
-    be applied directly to the conv's output, and it is copied from ``source`` too.
-
-    Args:
-        source: model to read from (e.g. ``keras.applications.ResNet50(include_top=False)``).
-        target: model to write to.
-        strict: if True, every layer with weights in ``target`` must exist in ``source`` and
-            vice versa, and every dropped bias must be folded; if False, layers without a
-            counterpart are skipped, and so (with a warning) is a conv whose bias has no
-            BatchNorm to go to.
-
-    Returns:
-        The number of layers copied (a BatchNorm that received a bias counts once).
-
-    Raises:
-        ValueError: a layer is missing on one side (``strict``), a shared layer's weights differ
-            in count or shape (other than a dropped conv bias), or a dropped conv bias has no
-            BatchNorm to fold into (``strict``). Nothing is copied when this is raised.
-    """
-    src = {layer.name: layer for layer in source.layers if layer.weights}
-    dst = {layer.name: layer for layer in target.layers if layer.weights}
-    if strict:
-        only_dst = sorted(set(dst) - set(src))
-        only_src = sorted(set(src) - set(dst))
-        if only_dst or only_src:
-            raise ValueError(
-                f"copy_weights_by_name: layers of {target.name!r} missing in {source.name!r}: "
-                f"{only_dst[:5]}{' ...' if len(only_dst) > 5 else ''} ({len(only_dst)}); "
-                f"layers of {source.name!r} missing in {target.name!r}: "
-                f"{only_src[:5]}{' ...' if len(only_src) > 5 else ''} ({len(only_src)})"
-            )
-    planned = {}  # target layer name -> (layer, values to set)
-    biases = []  # (target conv, source bias): biases to fold into the following BN
-    for layer_name, layer in dst.items():
-        if layer_name not in src:
-            continue
-        source_layer = src[layer_name]
-        values = source_layer.get_weights()
-        expected = [tuple(w.shape) for w in layer.weights]
-        got = [tuple(v.shape) for v in values]
-        drops_bias = (
-            isinstance(layer, layers.Conv2D)
-            and isinstance(source_layer, layers.Conv2D)
-            and source_layer.use_bias
-            and not layer.use_bias
-            and got[:-1] == expected  # Keras orders a conv's weights (kernel, bias)
-        )
-        if drops_bias:
-            biases.append((layer, values.pop()))
-        elif expected != got:
-            raise ValueError(
-                f"copy_weights_by_name: layer {layer_name!r} has weight shapes {expected} in "
-                f"{target.name!r} but {got} in {source.name!r}"
-            )
-        planned[layer_name] = (layer, values)
-
-    for conv, bias in biases:
-        bn = _batch_norm_after(target, conv)
-        ok = (
-            bn is not None
-            and bn.name in planned
-            and _batch_norm_after(source, src[conv.name]) is src[bn.name]
-            and tuple(bn.moving_mean.shape) == bias.shape
-        )
-        if not ok:
-            message = (
-                f"copy_weights_by_name: conv {conv.name!r} has a bias in {source.name!r} but "
-                f"none in {target.name!r}, and no BatchNormalization copied from "
-                f"{source.name!r} follows it directly in both models (expected "
-                f"{conv.name.removesuffix('_conv') + '_bn'!r}) to fold the bias into"
-            )
-            if strict:
-                raise ValueError(message)
-            warnings.warn(message + "; the conv is left unchanged", stacklevel=2)
-            del planned[conv.name]
-            continue
-        values = planned[bn.name][1]
-        i = next(k for k, w in enumerate(bn.weights) if w is bn.moving_mean)
-        # BN(conv(x) + b) uses (conv(x) + b - mean): the same as conv(x) with mean - b.
-        values[i] = (values[i].astype(np.float64) - bias).astype(values[i].dtype)
-
-    for layer, values in planned.values():  # validate everything first so a failure copies nothing
-        layer.set_weights(values)
-    return len(planned)
-
-
-def output_strides(model: keras.Model) -> tuple[int, ...]:
-    """Strides of a backbone's outputs, read from the output layer names ``"C{level}"``.
-
-    Returns ``2**level`` per output: ``(8, 16, 32)`` for ``[C3, C4, C5]``.
-    Works on a model reloaded with ``keras.saving.load_model``.
-    """
-    strides = []
-    for out_name in model.output_names:
-        if len(out_name) != 2 or out_name[0] != "C" or not out_name[1].isdigit():
-            raise ValueError(
-                f"output_strides: output {out_name!r} of {model.name!r} is not named C<level>; "
-                "was the model built by dlnotes.backbones.build_backbone?"
-            )
-        strides.append(2 ** int(out_name[1]))
-    return tuple(strides)
-
-
-_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
-_TORCH_RGB_MEAN = (0.485, 0.456, 0.406)
-_TORCH_RGB_STD = (0.229, 0.224, 0.225)
-
-
-@keras.saving.register_keras_serializable(package="dlnotes")
-class ImagePreprocessing(layers.Layer):
-    """Map RGB images with values in ``[0, 255]`` to a backbone's expected input.
-
-    Modes (equal to ``keras.applications.imagenet_utils.preprocess_input(x, mode=...)``):
-
-    * ``"caffe"``: RGB -> BGR, minus the ImageNet BGR mean (103.939, 116.779, 123.68), no scaling
-      (``keras.applications.resnet.preprocess_input``).
-    * ``"torch"``: ``x / 255``, minus mean (0.485, 0.456, 0.406), divided by std
-      (0.229, 0.224, 0.225), in RGB order.
-
-    Input ``(..., 3)`` of any real dtype; output the same shape in the layer's compute dtype.
-    """
-
-    MODES = ("caffe", "torch")
-
-    def __init__(self, mode: str = "caffe", **kwargs):
-        super().__init__(**kwargs)
-        if mode not in self.MODES:
-            raise ValueError(f"ImagePreprocessing: mode must be one of {self.MODES}, got {mode!r}")
-        self.mode = mode
-
-    def build(self, input_shape):
-        if input_shape[-1] != 3:
-            raise ValueError(
-                f"ImagePreprocessing({self.mode!r}) needs RGB images (..., 3), got shape "
-                f"{tuple(input_shape)}"
-            )
-        self.built = True
-
-    def call(self, images):
-        x = ops.cast(images, self.compute_dtype)
-        if self.mode == "caffe":
-            x = ops.flip(x, axis=-1)  # RGB -> BGR
-            return x - ops.convert_to_tensor(_CAFFE_BGR_MEAN, dtype=self.compute_dtype)
-        mean = ops.convert_to_tensor(_TORCH_RGB_MEAN, dtype=self.compute_dtype)
-        std = ops.convert_to_tensor(_TORCH_RGB_STD, dtype=self.compute_dtype)
-        return (x / 255.0 - mean) / std
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
-
-
-def preprocess_for(name: str, weights: str | os.PathLike | None = None) -> ImagePreprocessing:
-    """The preprocessing layer a detector puts in front of backbone ``name``.
+def preprocessing_mode(name: str, weights: str | os.PathLike | None = None) -> str:
+    """The :class:`~dlnotes.backbones.preprocessing.ImagePreprocessing` mode of ResNet ``name``.
 
     ``"caffe"`` for resnet50/101/152 (keras.applications' convention, whatever ``weights``),
-    ``"torch"`` for the torchvision-layout backbones. ``weights`` is validated like in
-    :func:`build_backbone` (e.g. ``"imagenet"`` for resnet18 raises) but does not change the mode,
+    ``"torch"`` for the torchvision-layout backbones. ``weights`` is validated as in
+    :func:`build_resnet` (e.g. ``"imagenet"`` for resnet18 raises) but does not change the mode,
     so that a checkpoint fine-tuned from ImageNet keeps the convention it was trained with.
-
-    Returns:
-        A new :class:`ImagePreprocessing` layer named ``"{name}_preprocessing"``; it maps
-        ``(B, H, W, 3)`` RGB in ``[0, 255]`` to the backbone's input.
     """
     spec = _resolve_spec(name, None, None, None, None)
     _check_weights_arg(name, weights, spec)
-    mode = "caffe" if spec.keras_layout else "torch"
-    return ImagePreprocessing(mode, name=f"{name}_preprocessing")
+    return "caffe" if spec.keras_layout else "torch"
+
+
+def describe(name: str) -> str:
+    """One line on ResNet ``name``: block type, blocks per stage, layout."""
+    spec = _resolve_spec(name, None, None, None, None)
+    layout = "keras.applications" if spec.keras_layout else "torchvision"
+    kind = "basic" if spec.block == "basic" else "bottleneck"
+    if spec.grouped and spec.groups > 1:
+        kind = f"{spec.groups}x{spec.width_per_group}d grouped bottleneck"
+    blocks = "-".join(str(b) for b in spec.blocks)
+    return f"{kind} blocks {blocks}, width {spec.base_filters}, {layout} layout"

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from dlnotes.checks import positive_int
 from dlnotes.data import transforms
 
 __all__ = ["CocoDataset", "CocoDataWarning"]
@@ -463,8 +464,8 @@ class CocoDataset:
         largest = max(counts, default=0)
         if max_boxes is None:
             max_boxes = max(1, largest)
-        elif int(max_boxes) != max_boxes or max_boxes < 1:
-            raise ValueError(f"max_boxes must be a positive integer, got {max_boxes!r}")
+        else:
+            max_boxes = positive_int(max_boxes, "max_boxes")
         for record, count in zip(self.records, counts, strict=True):
             if count > max_boxes:
                 raise ValueError(
@@ -546,8 +547,7 @@ class CocoDataset:
             raise ValueError(f"{self.annotation_file}: no images to build a dataset from")
         if resize not in ("letterbox", "stretch"):
             raise ValueError(f'resize must be "letterbox" or "stretch", got {resize!r}')
-        if int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = positive_int(batch_size, "batch_size")
         if with_keypoints and not self.num_keypoints:
             raise ValueError(
                 f"{self.annotation_file}: with_keypoints=True, but no category defines keypoints"

@@ -49,6 +49,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dlnotes.checks import integer, positive_int
+
 __all__ = [
     "CLASS_NAMES",
     "KEYPOINT_NAMES",
@@ -525,11 +527,9 @@ def generate_shapes_dataset(
         FileExistsError: ``out_dir`` is not empty, is not this data set, and overwrite is False.
         ValueError: a bad argument (negative counts, image too small, ...).
     """
-    for name, value in (("num_train", num_train), ("num_val", num_val)):
-        if int(value) != value or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    if int(max_objects) != max_objects or max_objects < 1:
-        raise ValueError(f"max_objects must be a positive integer, got {max_objects!r}")
+    num_train = integer(num_train, "num_train", minimum=0)
+    num_val = integer(num_val, "num_val", minimum=0)
+    max_objects = positive_int(max_objects, "max_objects")
     config = _make_config(num_train, num_val, image_size, seed, max_objects)
     root = Path(out_dir)
     paths = _expected_paths(root)

@@ -31,18 +31,13 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-__all__ = ["Detector", "check_num_classes", "check_targets"]
+from dlnotes.checks import check_num_classes
+
+__all__ = ["Detector", "check_targets"]
 
 # compile() arguments that do not apply: the detection loss is built in, and Keras metrics would
 # receive the raw targets and head outputs (use dlnotes.evaluation for mAP).
 _UNSUPPORTED_COMPILE_ARGS = ("loss", "loss_weights", "metrics", "weighted_metrics")
-
-
-def check_num_classes(num_classes):
-    """``num_classes`` as a positive int, or ``ValueError`` naming the bad value."""
-    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
-    return int(num_classes)
 
 
 def check_targets(owner, y):

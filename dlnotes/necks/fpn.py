@@ -23,6 +23,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dlnotes.checks import positive_int
+
 __all__ = [
     "FPN",
     "PANet",
@@ -138,8 +140,8 @@ class NeckConv(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.filters = _positive_int(filters, "filters", type(self).__name__)
-        self.kernel_size = _positive_int(kernel_size, "kernel_size", type(self).__name__)
+        self.filters = positive_int(filters, "filters", type(self).__name__)
+        self.kernel_size = positive_int(kernel_size, "kernel_size", type(self).__name__)
         if strides not in (1, 2):
             raise ValueError(f"NeckConv: `strides` must be 1 or 2, got {strides!r}.")
         self.strides = int(strides)
@@ -199,12 +201,6 @@ class NeckConv(keras.layers.Layer):
 
 
 # ----------------------------------------------------------------------------- validation
-def _positive_int(value, what, owner):
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{owner}: `{what}` must be a positive integer, got {value!r}.")
-    return int(value)
-
-
 def _check_feature_shapes(input_shape, owner, expected_count=None):
     """Validates a list of ``(B, H, W, C)`` shapes, lowest stride first; returns it as tuples."""
     if not isinstance(input_shape, (list, tuple)) or not input_shape:
@@ -244,8 +240,8 @@ def _check_feature_shapes(input_shape, owner, expected_count=None):
 
 
 def _check_levels(min_level, max_level, owner):
-    min_level = _positive_int(min_level, "min_level", owner)
-    max_level = _positive_int(max_level, "max_level", owner)
+    min_level = positive_int(min_level, "min_level", owner)
+    max_level = positive_int(max_level, "max_level", owner)
     if max_level < min_level:
         raise ValueError(
             f"{owner}: `max_level` ({max_level}) must be >= `min_level` ({min_level})."
@@ -331,7 +327,7 @@ class FPN(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         owner = type(self).__name__
-        self.num_channels = _positive_int(num_channels, "num_channels", owner)
+        self.num_channels = positive_int(num_channels, "num_channels", owner)
         self.min_level, self.max_level = _check_levels(min_level, max_level, owner)
         if extra_from not in _EXTRA_FROM:
             raise ValueError(
@@ -606,14 +602,14 @@ class YoloFPN(keras.layers.Layer):
         owner = type(self).__name__
         if isinstance(filters, (int, np.integer)) or not len(filters):
             raise ValueError(f"{owner}: `filters` must be a non-empty sequence, got {filters!r}.")
-        self.filters = tuple(_positive_int(f, "filters", owner) for f in filters)
+        self.filters = tuple(positive_int(f, "filters", owner) for f in filters)
         if any(f % 2 for f in self.filters[:-1]):
             raise ValueError(
                 f"{owner}: `filters` feeding an up branch (all but the last) must be even "
                 f"(the up conv has f / 2 filters), got {self.filters}."
             )
         self.negative_slope = float(negative_slope)
-        self.min_level = _positive_int(min_level, "min_level", owner)
+        self.min_level = positive_int(min_level, "min_level", owner)
         self.norm_momentum = float(norm_momentum)
         self.norm_epsilon = float(norm_epsilon)
 

@@ -19,15 +19,15 @@ import pytest
 import tensorflow as tf
 
 from dlnotes.backbones import (
-    BACKBONES,
     IMAGENET_WEIGHTS,
+    RESNETS,
     ImagePreprocessing,
     build_backbone,
     copy_weights_by_name,
+    load_weights_file,
     output_strides,
     preprocess_for,
 )
-from dlnotes.backbones import resnet as resnet_module
 
 # ----------------------------------------------------------------------------- published figures
 # torchvision num_params (with the 1000-class fc), from the model pages
@@ -169,7 +169,7 @@ EXPECTED = {
 
 
 def test_every_backbone_has_expectations():
-    assert set(EXPECTED) == set(BACKBONES)
+    assert set(EXPECTED) == set(RESNETS)
     assert EXPECTED["resnext101_32x4d"][1]["trainable"] == 42_128_704
     assert bn_channels((3, 4, 6, 3)) == 26_560  # = keras.applications ResNet-50's conv biases
     for name, blocks in (
@@ -193,7 +193,7 @@ def default_backbone(name):
     return build_backbone(name)
 
 
-@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("name", RESNETS)
 def test_output_shapes_names_and_parameter_counts(name):
     model = default_backbone(name)
     channels, counts = EXPECTED[name]
@@ -520,7 +520,7 @@ def test_weights_file_saved_with_conv_biases_gets_a_clear_error(tmp_path):
     # for the published architectures the message names the keras.applications model that
     # loads such a file (checked by hand on a full-size resnet50 file: too big for a test)
     with pytest.raises(ValueError, match=r"keras\.applications\.ResNet50\(include_top=False"):
-        resnet_module._load_weights_file(new, os.fspath(path), "ResNet50")
+        load_weights_file(new, os.fspath(path), keras_app="ResNet50")
     # the way out the message gives: load into a biased model, copy (folding the biases)
     biased = with_conv_biases(new)
     biased.load_weights(path)
@@ -742,7 +742,7 @@ def test_preprocessing_matches_keras_applications():
 
 
 def test_preprocessing_mode_per_family():
-    for name in BACKBONES:
+    for name in RESNETS:
         expected = "caffe" if name in IMAGENET_WEIGHTS else "torch"
         assert preprocess_for(name).mode == expected
     # a checkpoint fine-tuned from ImageNet keeps the caffe convention
