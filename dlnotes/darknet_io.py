@@ -48,7 +48,7 @@ import keras
 import numpy as np
 
 from dlnotes.anchors import YOLO_COCO_ANCHORS, YOLO_MASKS, YoloAnchors
-from dlnotes.backbones.darknet import DARKNET53_BLOCKS
+from dlnotes.darknet_layout import DARKNET53_BLOCKS
 
 __all__ = [
     "ConvSpec",
