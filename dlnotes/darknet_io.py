@@ -7,6 +7,17 @@ numbered from 0 in file order, ``[net]`` excluded; ``[route] layers = -1, 61`` c
 previous layer's output with layer 61's (channels), ``[shortcut] from=-3`` adds layer ``i - 3``'s
 output to the previous one.
 
+:func:`parse_cfg` reads the values darknet reads. Darknet deletes every space and tab of a line,
+skips the lines that then start with ``#`` or ``;``, and reads numbers with ``atoi`` / ``atof``,
+which stop at the first other character: ``filters=255 # 3*(80+5)`` is 255, so a value ends at
+its first ``#`` or ``;`` here. A section's options are a list in file order and
+``option_find`` returns the first match, so when an option is repeated the FIRST value is used.
+The official cfgs rely on it in ``[net]`` (``# Testing`` ``batch=1``, ``subdivisions=1``, then
+``# Training`` ``batch=64``, ``subdivisions=16``, the user commenting out one block; with both
+blocks active, as in ``yolov3-openimages.cfg``, darknet uses ``batch=1``): a repeat in ``[net]``
+is accepted with that rule (the section's ``ignored`` list keeps the unused values), a repeat
+in a layer section (two ``filters=``) is an error.
+
 A ``.weights`` file is little-endian and has no names or shapes, only numbers in cfg order::
 
     int32 major, int32 minor, int32 revision
@@ -51,6 +62,7 @@ from dlnotes.anchors import YOLO_COCO_ANCHORS, YOLO_MASKS, YoloAnchors
 from dlnotes.darknet_layout import DARKNET53_BLOCKS
 
 __all__ = [
+    "CfgSection",
     "ConvSpec",
     "conv_specs",
     "darknet53_cfg",
@@ -76,6 +88,7 @@ _SECTION_ALIASES = {
     "normalization": "lrn",
 }
 _KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_INLINE_COMMENT = re.compile(r"[#;]")
 
 
 def _scalar(text):
@@ -114,61 +127,116 @@ def _read_source(source):
     raise TypeError(f"parse_cfg: expected a path or the cfg text, got {type(source).__name__}")
 
 
-def parse_cfg(source: str | os.PathLike) -> list[dict]:
-    """Parse a darknet ``.cfg`` into a list of sections.
+class CfgSection(dict):
+    """One section of a parsed cfg: the dict ``{"type": kind, option: value, ...}`` plus where
+    it was read (it compares equal to the plain dict).
+
+    Attributes:
+        origin: the cfg's path, or ``"<cfg text>"``.
+        line: line of the ``[section]`` header (1-based).
+        option_lines: ``{option: line}`` of the value that was read.
+        ignored: ``[(line, option, value), ...]``, the repeats of a ``[net]`` option that
+            darknet does not read (it reads the first occurrence); empty for other sections.
+    """
+
+    def __init__(self, kind: str, origin: str, line: int):
+        super().__init__(type=kind)
+        self.origin = origin
+        self.line = line
+        self.option_lines: dict[str, int] = {}
+        self.ignored: list[tuple[int, str, object]] = []
+
+
+# Sections in which darknet's rule for a repeated option (the first one is read) is accepted.
+_REPEATABLE = ("net",)
+
+
+def _section_header(line, raw, where, origin, lineno):
+    kind = line[1:-1].strip().lower() if line.endswith("]") else ""
+    if not kind or any(c in kind for c in "[]="):
+        raise ValueError(f"parse_cfg: {where}: malformed section header {raw.strip()!r}")
+    return CfgSection(_SECTION_ALIASES.get(kind, kind), origin, lineno)
+
+
+def _strip_comment(value):
+    """``"255 # 3*(80+5)"`` -> ``"255"``: a value ends at the first ``#`` or ``;``."""
+    return _INLINE_COMMENT.split(value, maxsplit=1)[0].strip()
+
+
+def _add_option(section, line, raw, where, lineno):
+    key, sep, value = (part.strip() for part in line.partition("="))
+    if not sep or not _KEY_RE.fullmatch(key):
+        raise ValueError(
+            f"parse_cfg: {where}: cannot parse {raw.strip()!r}; expected '[section]', "
+            "'key=value' or a comment starting with '#' or ';'"
+        )
+    if section is None:
+        raise ValueError(f"parse_cfg: {where}: option {key!r} before the first [section]")
+    value = _strip_comment(value)
+    if not value:
+        raise ValueError(f"parse_cfg: {where}: option {key!r} has no value")
+    if key == "type":
+        raise ValueError(f"parse_cfg: {where}: 'type' is reserved for the section name")
+    if key in section.option_lines:
+        if section["type"] not in _REPEATABLE:
+            raise ValueError(
+                f"parse_cfg: {where}: option {key!r} repeated in section "
+                f"[{section['type']}] (first on line {section.option_lines[key]}); only [net] "
+                "may repeat an option (darknet reads the first one)"
+            )
+        section.ignored.append((lineno, key, _parse_value(value)))
+        return
+    section.option_lines[key] = lineno
+    section[key] = _parse_value(value)
+
+
+def parse_cfg(source: str | os.PathLike) -> list[CfgSection]:
+    """Parse a darknet ``.cfg`` into a list of sections, reading the values darknet reads.
+
+    The rules, darknet's (``read_cfg`` / ``read_option`` / ``option_find``):
+
+    * Whitespace around a line, key or value is ignored; a line whose first other character is
+      ``#`` or ``;`` is a comment, and so is the rest of a value from its first ``#`` or ``;``
+      (``filters=255 # 3*(80+5)`` is 255: darknet deletes the spaces and its ``atoi`` /
+      ``atof`` stop at the ``#``).
+    * An option repeated in ``[net]`` (or ``[network]``) keeps its FIRST value: darknet appends
+      a section's options to a list in file order and ``option_find`` returns the first match.
+      With the official "``# Testing`` ``batch=1`` ... ``# Training`` ``batch=64``" blocks,
+      the uncommented block that comes first is used (``yolov3-openimages.cfg`` leaves both
+      uncommented, so darknet reads ``batch=1``, ``subdivisions=1``). The later values are
+      kept in the section's ``ignored`` list, without a warning.
+    * An option repeated in any other section is an error (darknet would read the first and
+      report the other as an unused field; two ``filters=`` are a conflict, not a choice).
 
     Args:
         source: a path, or the cfg text itself (a string containing a newline or starting with
             ``[``).
 
     Returns:
-        One dict per section in file order: ``{"type": "convolutional", "filters": 32, ...}``.
-        ``"type"`` is the section name in lower case with darknet's aliases expanded
-        (``[conv]`` -> ``"convolutional"``, ``[max]`` -> ``"maxpool"`` ...). Option values are
-        ints or floats where they parse as such, lists for comma-separated values
+        One :class:`CfgSection` (a dict) per section in file order:
+        ``{"type": "convolutional", "filters": 32, ...}``. ``"type"`` is the section name in
+        lower case with darknet's aliases expanded (``[conv]`` -> ``"convolutional"``,
+        ``[network]`` -> ``"net"``, ``[max]`` -> ``"maxpool"`` ...). Option values are ints or
+        floats where they parse as such, lists for comma-separated values
         (``layers = -1, 61`` -> ``[-1, 61]``), otherwise the raw string (``"leaky"``).
-        Whitespace around keys and values and lines starting with ``#`` or ``;`` are ignored.
 
     Raises:
         ValueError: malformed line (not ``[section]``, ``key=value`` or a comment), an option
-            before the first section, an empty value, a repeated option in one section, an
+            before the first section, an empty value, a repeated option outside ``[net]``, an
             option named ``type``, or no section at all; the message names the file and line.
         FileNotFoundError: ``source`` looks like a path that does not exist.
     """
     text, origin = _read_source(source)
-    sections: list[dict] = []
-    seen_at: dict[str, int] = {}  # option -> line, for the current section
+    sections: list[CfgSection] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         where = f"{origin}, line {lineno}"
         if not line or line[0] in "#;":
             continue
         if line[0] == "[":
-            kind = line[1:-1].strip().lower() if line.endswith("]") else ""
-            if not kind or any(c in kind for c in "[]="):
-                raise ValueError(f"parse_cfg: {where}: malformed section header {raw.strip()!r}")
-            sections.append({"type": _SECTION_ALIASES.get(kind, kind)})
-            seen_at = {}
-            continue
-        key, sep, value = (part.strip() for part in line.partition("="))
-        if not sep or not _KEY_RE.fullmatch(key):
-            raise ValueError(
-                f"parse_cfg: {where}: cannot parse {raw.strip()!r}; expected '[section]', "
-                "'key=value' or a comment starting with '#' or ';'"
-            )
-        if not sections:
-            raise ValueError(f"parse_cfg: {where}: option {key!r} before the first [section]")
-        if not value:
-            raise ValueError(f"parse_cfg: {where}: option {key!r} has no value")
-        if key == "type":
-            raise ValueError(f"parse_cfg: {where}: 'type' is reserved for the section name")
-        if key in seen_at:
-            raise ValueError(
-                f"parse_cfg: {where}: option {key!r} repeated in section "
-                f"[{sections[-1]['type']}] (first on line {seen_at[key]})"
-            )
-        seen_at[key] = lineno
-        sections[-1][key] = _parse_value(value)
+            sections.append(_section_header(line, raw, where, origin, lineno))
+        else:
+            _add_option(sections[-1] if sections else None, line, raw, where, lineno)
     if not sections:
         raise ValueError(f"parse_cfg: {origin} has no [section]")
     return sections
@@ -257,6 +325,16 @@ def _int_option(section, key, default, where, minimum):
     return value
 
 
+def _where(index, section):
+    """``"section 2 (darknet layer 1, [maxpool], yolov3-tiny.cfg line 33)"``: a layer section
+    of a cfg, its file and line when it comes from :func:`parse_cfg`."""
+    place = f"section {index} (darknet layer {index - 1}, [{section['type']}]"
+    line = getattr(section, "line", None)
+    if line is not None:
+        place += f", {section.origin} line {line}"
+    return place + ")"
+
+
 def conv_specs(sections: Sequence[dict] | str | os.PathLike) -> list[ConvSpec]:
     """Simulate a darknet network's channel flow and describe each convolution.
 
@@ -281,7 +359,12 @@ def conv_specs(sections: Sequence[dict] | str | os.PathLike) -> list[ConvSpec]:
         ValueError: no leading ``[net]``, a section type this simulation does not support
             (e.g. ``[connected]``, which also holds weights), a route / shortcut pointing at a
             missing or later layer, or a conv option out of range; the message names the
-            section index (``[net]`` is section 0) and type.
+            section index (``[net]`` is section 0), type, and file and line when known.
+
+    This is the ``.weights`` layout of any cfg made of these sections (``yolov3-tiny.cfg`` and
+    ``yolov3-spp.cfg``, with their ``[maxpool]`` layers, included); whether it is a network
+    dlnotes builds is checked by :func:`yolov3_config_from_cfg` and, on a mismatch, by
+    :func:`load_darknet_weights`.
     """
     sections = _as_sections(sections)
     if not sections or sections[0]["type"] != "net":
@@ -292,7 +375,7 @@ def conv_specs(sections: Sequence[dict] | str | os.PathLike) -> list[ConvSpec]:
     specs: list[ConvSpec] = []
     for layer, section in enumerate(sections[1:]):
         kind = section["type"]
-        where = f"section {layer + 1} (darknet layer {layer}, [{kind}])"
+        where = _where(layer + 1, section)
         previous = out_channels[-1] if out_channels else net_channels
 
         def resolve(ref, option, layer=layer, where=where):
@@ -613,6 +696,32 @@ def yolov3_cfg(
 _CONV_NAME = re.compile(r"conv(\d+)")
 
 
+# Layer types of the networks dlnotes builds from a cfg ([net] aside).
+_YOLOV3_LAYERS = ("convolutional", "shortcut", "route", "upsample", "yolo")
+_SUPPORTED = (
+    "Supported architectures: YOLOv3 with a Darknet-53 body and three [yolo] heads (darknet's "
+    "yolov3.cfg, any classes, anchors and input size), and the Darknet-53 body alone "
+    "(darknet53.conv.74: layers 0-74)"
+)
+
+
+def _architecture_problems(sections, heads):
+    """Why ``sections`` is not a network dlnotes builds: the first layer of a type that YOLOv3
+    does not use (the ``[maxpool]`` of yolov3-tiny and yolov3-spp), and a number of ``[yolo]``
+    sections not in ``heads`` (yolov3-tiny has 2); ``[]`` if neither."""
+    problems = []
+    for index, section in enumerate(sections[1:], start=1):
+        if section["type"] not in _YOLOV3_LAYERS:
+            problems.append(f"{_where(index, section)} is not a layer of YOLOv3 or Darknet-53")
+            break
+    yolo = [index for index, section in enumerate(sections) if section["type"] == "yolo"]
+    if len(yolo) not in heads:
+        found = ": " + ", ".join(_where(i, sections[i]) for i in yolo) if yolo else ""
+        expected = " or ".join(str(n) for n in heads)
+        problems.append(f"expected {expected} [yolo] sections, found {len(yolo)}{found}")
+    return problems
+
+
 def yolov3_config_from_cfg(cfg) -> dict:
     """The :class:`dlnotes.models.YOLOv3` arguments of a darknet YOLOv3 cfg.
 
@@ -632,7 +741,11 @@ def yolov3_config_from_cfg(cfg) -> dict:
     Raises:
         ValueError: not a 3-output YOLOv3 cfg (naming the first conv that differs, or what is
             missing), inconsistent classes / anchors between the ``[yolo]`` sections, or input
-            channels other than 3.
+            channels other than 3. A layer YOLOv3 does not have (the ``[maxpool]`` of
+            ``yolov3-tiny.cfg`` and of ``yolov3-spp.cfg``'s SPP block) or a number of ``[yolo]``
+            sections other than 3 (``yolov3-tiny.cfg`` has 2) is named with its section
+            index, darknet layer index, file and line, and the message lists the supported
+            architectures.
     """
     sections = _as_sections(cfg)
     if not sections or sections[0]["type"] != "net":
@@ -642,9 +755,10 @@ def yolov3_config_from_cfg(cfg) -> dict:
         raise ValueError(
             f"yolov3_config_from_cfg: YOLOv3 takes 3 channels, [net] has {net['channels']}"
         )
+    problems = _architecture_problems(sections, heads=(3,))
+    if problems:
+        raise ValueError(f"yolov3_config_from_cfg: {'; '.join(problems)}. {_SUPPORTED}")
     yolo = [k for k, section in enumerate(sections) if section["type"] == "yolo"]
-    if len(yolo) != 3:
-        raise ValueError(f"yolov3_config_from_cfg: expected 3 [yolo] sections, found {len(yolo)}")
     heads = [sections[k] for k in yolo]
     for key in ("classes", "anchors", "mask"):
         if any(key not in head for head in heads):
@@ -824,25 +938,39 @@ def _layout(i, conv, norm):
     return _Layout(i, conv.name, kernel_shape, norm is not None)
 
 
+def _cfg_mismatch(specs, layouts):
+    """How the model's conv units differ from the cfg's convs, or None."""
+    if len(specs) != len(layouts):
+        return (
+            f"the cfg has {len(specs)} convolutional sections, the model {len(layouts)} conv units"
+        )
+    bn = {True: "with BatchNorm", False: "with bias, no BatchNorm"}
+    for spec, lay in zip(specs, layouts, strict=True):
+        if spec.kernel_shape != lay.kernel_shape or spec.batch_normalize != lay.batch_normalize:
+            return (
+                f"conv {spec.index} (darknet layer {spec.layer}, Keras layer {lay.name!r}) does "
+                f"not match the cfg: cfg kernel (kh, kw, in, out) {spec.kernel_shape} "
+                f"{bn[spec.batch_normalize]}, model {lay.kernel_shape} {bn[lay.batch_normalize]}"
+            )
+    return None
+
+
 def _check_against_cfg(layouts, cfg):
+    """Raises if the units are not the cfg's convs; the message says when the cfg is not a
+    network dlnotes builds (a model of another cfg, e.g. yolov3-tiny, still loads if it fits)."""
+    sections = None
     if isinstance(cfg, Sequence) and cfg and all(isinstance(s, ConvSpec) for s in cfg):
         specs = list(cfg)
     else:
-        specs = conv_specs(cfg)
-    if len(specs) != len(layouts):
-        raise ValueError(
-            f"load_darknet_weights: the cfg has {len(specs)} convolutional sections, the model "
-            f"{len(layouts)} conv units"
-        )
-    for spec, lay in zip(specs, layouts, strict=True):
-        if spec.kernel_shape != lay.kernel_shape or spec.batch_normalize != lay.batch_normalize:
-            bn = {True: "with BatchNorm", False: "with bias, no BatchNorm"}
-            raise ValueError(
-                f"load_darknet_weights: conv {spec.index} (darknet layer {spec.layer}, Keras "
-                f"layer {lay.name!r}) does not match the cfg: cfg kernel (kh, kw, in, out) "
-                f"{spec.kernel_shape} {bn[spec.batch_normalize]}, model {lay.kernel_shape} "
-                f"{bn[lay.batch_normalize]}"
-            )
+        sections = _as_sections(cfg)
+        specs = conv_specs(sections)
+    mismatch = _cfg_mismatch(specs, layouts)
+    if mismatch is None:
+        return
+    problems = _architecture_problems(sections, heads=(0, 3)) if sections else []
+    if problems:
+        mismatch += f"; the cfg is not a supported network: {'; '.join(problems)}. {_SUPPORTED}"
+    raise ValueError(f"load_darknet_weights: {mismatch}")
 
 
 def _read_header(data, path):
@@ -883,7 +1011,10 @@ def load_darknet_weights(model_or_units, path, cfg=None, *, allow_trailing: bool
             Its layers must be built.
         path: the ``.weights`` file (e.g. ``yolov3.weights``, ``darknet53.conv.74``).
         cfg: optional cfg (text, path, sections or ``ConvSpec`` list) to check the model's
-            conv shapes against before reading.
+            conv shapes against before reading. Any cfg whose convs the model has fits (a
+            Keras yolov3-tiny with a ``darknet_units()`` method loads ``yolov3-tiny.weights``);
+            when they differ and the cfg is not YOLOv3 or the Darknet-53 body, the error also
+            names the cfg's first unsupported section.
         allow_trailing: accept bytes after the last unit (e.g. load the Darknet-53 body from
             the first 52 convs of ``yolov3.weights``, as ``darknet partial`` does).
 

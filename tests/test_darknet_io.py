@@ -3,9 +3,13 @@
 The published figures: yolov3.cfg (80 classes) has 75 convs and 62,001,757 parameters, i.e. a
 yolov3.weights of 248,007,048 bytes; the Darknet-53 body 40,620,640 (darknet53.conv.74:
 162,482,580 bytes). The byte layout is checked against a file written by hand in the test.
+darknet's own cfg files (yolov3-openimages.cfg, yolov3-tiny.cfg, yolov3-spp.cfg, verbatim or
+faithful excerpts) are read as darknet reads them, and the ones dlnotes does not build are
+refused naming their first unsupported section.
 """
 
 import os
+import re
 import struct
 
 import keras
@@ -17,6 +21,7 @@ from hypothesis import strategies as st
 from dlnotes.anchors import YOLO_COCO_ANCHORS, YoloAnchors
 from dlnotes.backbones import build_darknet53
 from dlnotes.darknet_io import (
+    CfgSection,
     ConvSpec,
     conv_specs,
     darknet53_cfg,
@@ -26,7 +31,9 @@ from dlnotes.darknet_io import (
     save_darknet_weights,
     weights_file_size,
     yolov3_cfg,
+    yolov3_config_from_cfg,
 )
+from dlnotes.models.yolov3 import YOLOv3
 from dlnotes.necks import NeckConv, YoloFPN
 
 F = 8
@@ -137,7 +144,10 @@ def test_parse_cfg_values_and_aliases(tmp_path):
         ("[]\n", "line 1: malformed section header"),
         ("[net]\n=3\n", "line 2: cannot parse"),
         ("[net]\nwidth=\n", "line 2: option 'width' has no value"),
-        ("[net]\nwidth=3\nwidth=4\n", r"line 3: option 'width' repeated .*first on line 2"),
+        (
+            "[net]\n[convolutional]\nfilters=3\nfilters=4\n",
+            r"line 4: option 'filters' repeated in section \[convolutional\] \(first on line 3\)",
+        ),
         ("[net]\ntype=x\n", "line 2: 'type' is reserved"),
         ("# only a comment\n\n", "has no"),
     ],
@@ -188,6 +198,184 @@ def test_parse_cfg_round_trip(sections, spaces):
         lines.append("")
     parsed = parse_cfg("\n".join(lines))
     assert parsed == [{"type": kind, **options} for kind, options in sections]
+
+
+# The [net] section of darknet's cfg/yolov3-openimages.cfg and its first layers, verbatim: the
+# "Testing" lines are indented, not commented out, so both blocks are active.
+OPENIMAGES_NET = """[net]
+# Testing
+ batch=1
+ subdivisions=1
+# Training
+batch=64
+subdivisions=16
+width=608
+height=608
+channels=3
+momentum=0.9
+decay=0.0005
+angle=0
+saturation = 1.5
+exposure = 1.5
+hue=.1
+
+learning_rate=0.001
+burn_in=5000
+max_batches = 500200
+policy=steps
+steps=400000,450000
+scales=.1,.1
+"""
+OPENIMAGES_START = (
+    OPENIMAGES_NET
+    + """
+[convolutional]
+batch_normalize=1
+filters=32
+size=3
+stride=1
+pad=1
+activation=leaky
+
+# Downsample
+
+[convolutional]
+batch_normalize=1
+filters=64
+size=3
+stride=2
+pad=1
+activation=leaky
+
+[convolutional]
+batch_normalize=1
+filters=32
+size=1
+stride=1
+pad=1
+activation=leaky
+
+[convolutional]
+batch_normalize=1
+filters=64
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[shortcut]
+from=-3
+activation=linear
+"""
+)
+
+
+@pytest.mark.parametrize("header", ["[net]", "[network]", "  [net]"])
+def test_parse_cfg_repeated_net_option_keeps_the_first(header):
+    # darknet: options are a list in file order, option_find returns the first match.
+    text = f"""{header}
+; Testing
+batch=1
+    subdivisions=1 # one image at a time
+# Training
+batch=64
+\tsubdivisions = 16
+width=416
+batch=32
+[convolutional]
+filters=8
+"""
+    net, conv = parse_cfg(text)
+    assert net == {"type": "net", "batch": 1, "subdivisions": 1, "width": 416}
+    assert net.ignored == [(6, "batch", 64), (7, "subdivisions", 16), (9, "batch", 32)]
+    assert net.option_lines == {"batch": 3, "subdivisions": 4, "width": 8}
+    assert conv == {"type": "convolutional", "filters": 8} and conv.ignored == []
+
+
+@pytest.mark.parametrize(
+    "kind, option, first, second",
+    [("convolutional", "filters", "255", "18"), ("yolo", "mask", "6,7,8", "0,1,2")],
+)
+def test_parse_cfg_repeated_layer_option_is_an_error(kind, option, first, second, tmp_path):
+    text = f"[net]\nwidth=64\n\n[{kind}]\n# note\n{option}={first}\n{option} = {second}\n"
+    path = tmp_path / "two.cfg"
+    path.write_text(text)
+    message = (
+        rf"{re.escape(str(path))}, line 7: option '{option}' repeated in section \[{kind}\] \(first on line 6\); "
+        r"only \[net\] may repeat an option \(darknet reads the first one\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        parse_cfg(path)
+
+
+def test_parse_cfg_inline_comments_read_as_darknet_does():
+    # darknet deletes the spaces ("filters=255#3*(80+5)") and atoi / atof stop at the '#'.
+    sections = parse_cfg(
+        """[net]
+hue=.1#random hue
+steps=400000,450000 # x 0.1 each
+[convolutional]
+  filters=255 # 3*(80+5)
+size = 1;kernel
+activation=linear   # no BN before the [yolo]
+[yolo]
+mask = 6,7,8	# the three largest
+anchors = 10,13,  16,30,  # first two
+"""
+    )
+    assert sections[0] == {"type": "net", "hue": 0.1, "steps": [400000, 450000]}
+    assert sections[1] == {
+        "type": "convolutional",
+        "filters": 255,
+        "size": 1,
+        "activation": "linear",
+    }
+    assert sections[2] == {"type": "yolo", "mask": [6, 7, 8], "anchors": [10, 13, 16, 30]}
+    with pytest.raises(ValueError, match="line 3: option 'filters' has no value"):
+        parse_cfg("[net]\n[convolutional]\nfilters= # to do\n")
+
+
+def test_parse_cfg_sections_say_where_they_were_read(tmp_path):
+    sections = parse_cfg(CFG)
+    assert all(isinstance(s, CfgSection) for s in sections)
+    assert [(s.origin, s.line) for s in sections] == [
+        ("<cfg text>", 3),
+        ("<cfg text>", 12),
+        ("<cfg text>", 20),
+        ("<cfg text>", 23),
+    ]
+    assert sections[2].option_lines == {"layers": 21}
+    path = tmp_path / "net.cfg"
+    path.write_text(CFG)
+    assert parse_cfg(path)[1].origin == str(path)
+
+
+def test_parse_cfg_reads_yolov3_openimages_as_darknet():
+    net, *layers = parse_cfg(OPENIMAGES_START)
+    # Both blocks are active; darknet reads the first: batch=1, subdivisions=1.
+    assert (net["batch"], net["subdivisions"]) == (1, 1)
+    assert net.ignored == [(6, "batch", 64), (7, "subdivisions", 16)]
+    assert (net["width"], net["height"], net["channels"]) == (608, 608, 3)
+    assert (net["saturation"], net["hue"], net["burn_in"]) == (1.5, 0.1, 5000)
+    assert (net["steps"], net["scales"]) == ([400000, 450000], [0.1, 0.1])
+    assert [s["type"] for s in layers] == ["convolutional"] * 4 + ["shortcut"]
+    assert [s["filters"] for s in layers[:4]] == [32, 64, 32, 64]
+    assert [s["stride"] for s in layers[:4]] == [1, 2, 1, 1]
+    specs = conv_specs([net, *layers])
+    assert [s.in_channels for s in specs] == [3, 32, 64, 32]
+
+
+def test_yolov3_openimages_cfg_gives_a_601_class_yolov3():
+    # yolov3-openimages.cfg is yolov3.cfg with 601 classes (filters=1818), ignore_thresh .7,
+    # a 608 input and its own [net]; its layers are what yolov3_cfg writes for these settings.
+    layers = yolov3_cfg(601, input_shape=(608, 608, 3), ignore_thresh=0.7)
+    text = OPENIMAGES_NET + "\n" + layers[layers.index("[convolutional]") :]
+    config = yolov3_config_from_cfg(text)
+    assert config["num_classes"] == 601 and config["image_size"] == (608, 608)
+    assert (config["initial_filters"], config["neck_filters"]) == (32, (512, 256, 128))
+    assert config["ignore_thresh"] == 0.7
+    outputs = [s for s in conv_specs(text) if not s.batch_normalize]
+    assert [s.filters for s in outputs] == [1818] * 3
 
 
 # ----------------------------------------------------------------------------- conv_specs
@@ -698,3 +886,411 @@ def test_yolov3_units_round_trip_with_cfg(tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match=r"conv 58 .*\(1, 1, 256, 27\).*\(1, 1, 256, 24\)"):
         load_darknet_weights(other, path, cfg=yolov3_cfg(4, initial_filters=F))
+
+
+# ----------------------------------------------------------------------------- darknet's other cfgs
+# darknet's cfg/yolov3-tiny.cfg, verbatim: maxpools and two [yolo] heads.
+TINY_CFG = """\
+[net]
+# Testing
+batch=1
+subdivisions=1
+# Training
+# batch=64
+# subdivisions=2
+width=416
+height=416
+channels=3
+momentum=0.9
+decay=0.0005
+angle=0
+saturation = 1.5
+exposure = 1.5
+hue=.1
+
+learning_rate=0.001
+burn_in=1000
+max_batches = 500200
+policy=steps
+steps=400000,450000
+scales=.1,.1
+
+[convolutional]
+batch_normalize=1
+filters=16
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[maxpool]
+size=2
+stride=2
+
+[convolutional]
+batch_normalize=1
+filters=32
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[maxpool]
+size=2
+stride=2
+
+[convolutional]
+batch_normalize=1
+filters=64
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[maxpool]
+size=2
+stride=2
+
+[convolutional]
+batch_normalize=1
+filters=128
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[maxpool]
+size=2
+stride=2
+
+[convolutional]
+batch_normalize=1
+filters=256
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[maxpool]
+size=2
+stride=2
+
+[convolutional]
+batch_normalize=1
+filters=512
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[maxpool]
+size=2
+stride=1
+
+[convolutional]
+batch_normalize=1
+filters=1024
+size=3
+stride=1
+pad=1
+activation=leaky
+
+###########
+
+[convolutional]
+batch_normalize=1
+filters=256
+size=1
+stride=1
+pad=1
+activation=leaky
+
+[convolutional]
+batch_normalize=1
+filters=512
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[convolutional]
+size=1
+stride=1
+pad=1
+filters=255
+activation=linear
+
+
+
+[yolo]
+mask = 3,4,5
+anchors = 10,14,  23,27,  37,58,  81,82,  135,169,  344,319
+classes=80
+num=6
+jitter=.3
+ignore_thresh = .7
+truth_thresh = 1
+random=1
+
+[route]
+layers = -4
+
+[convolutional]
+batch_normalize=1
+filters=128
+size=1
+stride=1
+pad=1
+activation=leaky
+
+[upsample]
+stride=2
+
+[route]
+layers = -1, 8
+
+[convolutional]
+batch_normalize=1
+filters=256
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[convolutional]
+size=1
+stride=1
+pad=1
+filters=255
+activation=linear
+
+[yolo]
+mask = 0,1,2
+anchors = 10,14,  23,27,  37,58,  81,82,  135,169,  344,319
+classes=80
+num=6
+jitter=.3
+ignore_thresh = .7
+truth_thresh = 1
+random=1
+"""
+
+# The first output of darknet's cfg/yolov3-spp.cfg (after the Darknet-53 body), verbatim.
+SPP_OUTPUT_0 = """
+######################
+
+[convolutional]
+batch_normalize=1
+filters=512
+size=1
+stride=1
+pad=1
+activation=leaky
+
+[convolutional]
+batch_normalize=1
+size=3
+stride=1
+pad=1
+filters=1024
+activation=leaky
+
+[convolutional]
+batch_normalize=1
+filters=512
+size=1
+stride=1
+pad=1
+activation=leaky
+
+### SPP ###
+[maxpool]
+stride=1
+size=5
+
+[route]
+layers=-2
+
+[maxpool]
+stride=1
+size=9
+
+[route]
+layers=-4
+
+[maxpool]
+stride=1
+size=13
+
+[route]
+layers=-1,-3,-5,-6
+
+### End SPP ###
+
+[convolutional]
+batch_normalize=1
+filters=512
+size=1
+stride=1
+pad=1
+activation=leaky
+
+
+[convolutional]
+batch_normalize=1
+size=3
+stride=1
+pad=1
+filters=1024
+activation=leaky
+
+[convolutional]
+batch_normalize=1
+filters=512
+size=1
+stride=1
+pad=1
+activation=leaky
+
+[convolutional]
+batch_normalize=1
+size=3
+stride=1
+pad=1
+filters=1024
+activation=leaky
+
+[convolutional]
+size=1
+stride=1
+pad=1
+filters=255
+activation=linear
+
+
+[yolo]
+mask = 6,7,8
+anchors = 10,13,  16,30,  33,23,  30,61,  62,45,  59,119,  116,90,  156,198,  373,326
+classes=80
+num=9
+jitter=.3
+ignore_thresh = .7
+truth_thresh = 1
+random=1
+
+"""
+
+SUPPORTED = (
+    r"Supported architectures: YOLOv3 with a Darknet-53 body and three \[yolo\] heads .*and the "
+    r"Darknet-53 body alone"
+)
+
+
+def yolov3_spp_cfg():
+    """yolov3-spp.cfg: the Darknet-53 body, the SPP output above, then yolov3.cfg's other two
+    outputs (the same sections in both files)."""
+    yolov3 = yolov3_cfg(80)
+    return darknet53_cfg() + SPP_OUTPUT_0 + yolov3[yolov3.index("# Up branch to output 1") :]
+
+
+def line_of(text, header, nth=0):
+    return [i for i, line in enumerate(text.splitlines(), start=1) if line == header][nth]
+
+
+def test_darknet_other_cfgs_have_a_weights_layout():
+    # conv_specs is the .weights layout of any cfg of these sections, maxpools included.
+    tiny = conv_specs(TINY_CFG)
+    assert len(tiny) == 13 and sum(s.num_params for s in tiny) == 8_858_734
+    assert weights_file_size(tiny) == 35_434_956  # the published yolov3-tiny.weights
+    assert [s.in_channels for s in tiny if s.layer == 21] == [128 + 256]  # after route -1, 8
+    spp = conv_specs(yolov3_spp_cfg())
+    assert len(spp) == 76
+    assert [s.kernel_shape for s in spp if s.layer == 84] == [(1, 1, 4 * 512, 512)]  # after SPP
+    # yolov3.cfg plus that 1x1 conv-BN.
+    assert sum(s.num_params for s in spp) == 62_001_757 + 2048 * 512 + 4 * 512
+
+
+def test_yolov3_tiny_cfg_is_refused_naming_its_maxpool(tmp_path):
+    path = tmp_path / "yolov3-tiny.cfg"
+    path.write_text(TINY_CFG)
+    first_maxpool = re.escape(f"section 2 (darknet layer 1, [maxpool], {path} line 33)")
+    heads = re.escape(
+        f"expected 3 [yolo] sections, found 2: section 17 (darknet layer 16, [yolo], {path} "
+        f"line 132), section 24 (darknet layer 23, [yolo], {path} line 174)"
+    )
+    message = f"{first_maxpool} is not a layer of YOLOv3 or Darknet-53; {heads}. {SUPPORTED}"
+    assert line_of(TINY_CFG, "[maxpool]") == 33 and line_of(TINY_CFG, "[yolo]", 1) == 174
+    with pytest.raises(ValueError, match=f"yolov3_config_from_cfg: {message}"):
+        yolov3_config_from_cfg(path)
+    with pytest.raises(ValueError, match=message):
+        YOLOv3.from_darknet_cfg(path)
+
+
+def test_yolov3_spp_cfg_is_refused_naming_its_maxpool():
+    text = yolov3_spp_cfg()
+    where = (
+        f"section 79 (darknet layer 78, [maxpool], <cfg text> line {line_of(text, '[maxpool]')})"
+    )
+    message = f"{re.escape(where)} is not a layer of YOLOv3 or Darknet-53. {SUPPORTED}"
+    with pytest.raises(ValueError, match=f"yolov3_config_from_cfg: {message}"):
+        yolov3_config_from_cfg(text)
+    with pytest.raises(ValueError, match=message):
+        YOLOv3.from_darknet_cfg(text)
+
+
+def test_yolov3_cfg_with_two_heads_is_refused_naming_them():
+    yolov3 = yolov3_cfg(80)
+    text = yolov3[: yolov3.index("# Up branch to output 2")]
+    lines = [line_of(text, "[yolo]", k) for k in range(2)]
+    heads = (
+        f"expected 3 [yolo] sections, found 2: section 83 (darknet layer 82, [yolo], <cfg text> "
+        f"line {lines[0]}), section 95 (darknet layer 94, [yolo], <cfg text> line {lines[1]})"
+    )
+    with pytest.raises(
+        ValueError, match=f"yolov3_config_from_cfg: {re.escape(heads)}. {SUPPORTED}"
+    ):
+        yolov3_config_from_cfg(text)
+
+
+def test_load_darknet_weights_names_an_unsupported_cfg(tmp_path):
+    model = YOLOv3(num_classes=2, image_size=(64, 64), initial_filters=4)
+    text = yolov3_spp_cfg()
+    where = re.escape(
+        f"section 79 (darknet layer 78, [maxpool], <cfg text> line {line_of(text, '[maxpool]')})"
+    )
+    message = (
+        "load_darknet_weights: the cfg has 76 convolutional sections, the model 75 conv units; "
+        f"the cfg is not a supported network: {where} is not a layer of YOLOv3 or Darknet-53. "
+        f"{SUPPORTED}"
+    )
+    with pytest.raises(ValueError, match=message):
+        load_darknet_weights(model, tmp_path / "yolov3-spp.weights", cfg=text)
+    # yolov3-tiny: its maxpool and its two heads.
+    with pytest.raises(ValueError, match=r"13 convolutional .*\[maxpool\].*found 2: section 17"):
+        load_darknet_weights(model, tmp_path / "yolov3-tiny.weights", cfg=TINY_CFG)
+    # A model mismatching a supported cfg gets the plain mismatch.
+    with pytest.raises(ValueError, match=r"model 75 conv units$"):
+        load_darknet_weights(model, tmp_path / "body.weights", cfg=darknet53_cfg())
+
+
+def test_units_of_another_cfg_still_load_with_it(tmp_path):
+    # A Keras network of yolov3-tiny's convs reads a tiny .weights file checked against its cfg.
+    def units(seed):
+        keras.utils.set_random_seed(seed)
+        made = []
+        for spec in conv_specs(TINY_CFG):
+            conv = keras.layers.Conv2D(spec.filters, spec.size, use_bias=not spec.batch_normalize)
+            conv.build((None, 8, 8, spec.in_channels))
+            norm = None
+            if spec.batch_normalize:
+                norm = keras.layers.BatchNormalization()
+                norm.build((None, 8, 8, spec.filters))
+            made.append((conv, norm))
+        return made
+
+    source, target = units(0), units(1)
+    path = tmp_path / "yolov3-tiny.weights"
+    assert save_darknet_weights(source, path) == 35_434_956
+    load_darknet_weights(target, path, cfg=TINY_CFG)
+    for (a, _), (b, _) in zip(source, target, strict=True):
+        np.testing.assert_array_equal(np.asarray(a.kernel), np.asarray(b.kernel))
