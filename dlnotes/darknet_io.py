@@ -59,6 +59,7 @@ import keras
 import numpy as np
 
 from dlnotes.anchors import YOLO_COCO_ANCHORS, YOLO_MASKS, YoloAnchors
+from dlnotes.checks import check_num_classes, integer, positive_int
 from dlnotes.darknet_layout import DARKNET53_BLOCKS
 
 __all__ = [
@@ -320,9 +321,7 @@ def _as_sections(cfg):
 
 def _int_option(section, key, default, where, minimum):
     value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"conv_specs: {where}: {key}={value!r} must be an int >= {minimum}")
-    return value
+    return integer(value, f"option {key}={value!r}", f"conv_specs: {where}", minimum)
 
 
 def _where(index, section):
@@ -548,12 +547,6 @@ def _darknet53_body(cfg, f):
     return outputs
 
 
-def _check_int(value, what, owner, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{owner}: {what} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_input_shape(input_shape, owner, multiple):
     try:
         shape = tuple(input_shape)
@@ -561,7 +554,7 @@ def _check_input_shape(input_shape, owner, multiple):
         shape = ()
     if len(shape) != 3:
         raise ValueError(f"{owner}: input_shape must be (H, W, C), got {input_shape!r}")
-    height, width, channels = (_check_int(d, "every entry of input_shape", owner) for d in shape)
+    height, width, channels = (positive_int(d, "every entry of input_shape", owner) for d in shape)
     for dim, what in ((height, "height"), (width, "width")):
         if dim < 32 or dim % multiple:
             need = "divisible by 32 (YOLO's largest stride)" if multiple > 1 else "at least 32"
@@ -577,7 +570,7 @@ def darknet53_cfg(initial_filters: int = 32, input_shape: Sequence[int] = (416, 
     weights of ``darknet53.conv.74`` follow it. ``input_shape`` is ``(H, W, C)`` with
     ``H, W >= 32``.
     """
-    f = _check_int(initial_filters, "initial_filters", "darknet53_cfg")
+    f = positive_int(initial_filters, "initial_filters", "darknet53_cfg")
     cfg = _CfgText(_check_input_shape(input_shape, "darknet53_cfg", 1))
     _darknet53_body(cfg, f)
     return cfg.text()
@@ -632,7 +625,7 @@ def yolov3_cfg(
         ValueError: a bad number of classes, anchors / masks, input size or filters.
     """
     owner = "yolov3_cfg"
-    num_classes = _check_int(num_classes, "num_classes", owner)
+    num_classes = check_num_classes(num_classes, owner)
     if isinstance(anchors, YoloAnchors):
         yolo = anchors
     else:
@@ -643,12 +636,12 @@ def yolov3_cfg(
         raise ValueError(
             f"{owner}: YOLOv3's outputs have strides (32, 16, 8), the anchors say {yolo.strides}"
         )
-    f = _check_int(initial_filters, "initial_filters", owner)
+    f = positive_int(initial_filters, "initial_filters", owner)
     if neck_filters is None:
         neck_filters = (16 * f, 8 * f, 4 * f)
     if isinstance(neck_filters, (int, np.integer)) or len(neck_filters) != 3:
         raise ValueError(f"{owner}: neck_filters must be 3 ints, got {neck_filters!r}")
-    neck_filters = [_check_int(n, "every neck filter", owner) for n in neck_filters]
+    neck_filters = [positive_int(n, "every neck filter", owner) for n in neck_filters]
     if neck_filters[0] % 2 or neck_filters[1] % 2:
         raise ValueError(
             f"{owner}: neck_filters[0] and [1] feed a 1x1 up conv of half their width and must "

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _reference import np_iou_pair
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,32 +41,6 @@ def np_to_format(b, fmt, hw=IMAGE):
         "rel_center_xywh": ((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h),
     }
     return np.stack(table[fmt], axis=-1)
-
-
-def np_iou_pair(a, b, kind):
-    """IoU family of two single xyxy boxes, float64, straight from the papers' definitions."""
-    aw, ah = max(a[2] - a[0], 0.0), max(a[3] - a[1], 0.0)
-    bw, bh = max(b[2] - b[0], 0.0), max(b[3] - b[1], 0.0)
-    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
-    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
-    inter = iw * ih
-    union = aw * ah + bw * bh - inter
-    iou = inter / union if union > 0 else 0.0
-    if kind == "iou":
-        return iou
-    cw = max(a[2], b[2]) - min(a[0], b[0])
-    ch = max(a[3], b[3]) - min(a[1], b[1])
-    if kind == "giou":
-        return iou - (cw * ch - union) / (cw * ch)
-    rho2 = ((a[0] + a[2]) / 2 - (b[0] + b[2]) / 2) ** 2 + (
-        (a[1] + a[3]) / 2 - (b[1] + b[3]) / 2
-    ) ** 2
-    diou = iou - rho2 / (cw**2 + ch**2)
-    if kind == "diou":
-        return diou
-    v = 4 / math.pi**2 * (math.atan(bw / bh) - math.atan(aw / ah)) ** 2
-    alpha = v / (1 - iou + v) if v > 0 else 0.0  # identical shapes: v = 0, no penalty
-    return diou - alpha * v
 
 
 def np_pairwise(b1, b2, kind):

@@ -15,6 +15,7 @@ import struct
 import keras
 import numpy as np
 import pytest
+from _reference import randomize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,22 +39,6 @@ from dlnotes.necks import NeckConv, YoloFPN
 
 F = 8
 SHAPE = (64, 64, 3)
-
-
-def randomize(model, seed):
-    """Random, realistic BN statistics / affine and biases (kernels keep their init)."""
-    rng = np.random.default_rng(seed)
-    for w in model.weights:
-        name = w.path
-        if name.endswith("gamma"):
-            value = rng.uniform(0.5, 1.5, w.shape)
-        elif name.endswith(("beta", "bias", "moving_mean")):
-            value = rng.normal(0.0, 0.2, w.shape)
-        elif name.endswith("moving_variance"):
-            value = rng.uniform(0.5, 2.0, w.shape)
-        else:
-            continue
-        w.assign(value.astype("float32"))
 
 
 def snapshot(model):

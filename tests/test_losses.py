@@ -2,11 +2,7 @@
 and of the cross-replica normaliser under a 2-replica MirroredStrategy."""
 
 import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _reference import np_iou, script_result, start_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -354,16 +351,8 @@ def test_global_normalizer_without_strategy():
 
 MIRRORED_SCRIPT = textwrap.dedent(
     """
-    import json
-    import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
-    )
     from dlnotes.losses import global_normalizer
 
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     # Replica r holds a share of the batch: per-anchor "losses" and a positive mask.
     x = [tf.constant([1.0, 2.0, 3.0, 4.0]), tf.constant([5.0, -1.0, 0.5, 2.0])]
     pos = [tf.constant([1.0, 0.0, 1.0, 1.0]), tf.constant([0.0, 1.0, 0.0, 0.0])]
@@ -406,16 +395,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
 
 
 def test_global_normalizer_sums_across_two_replicas():
-    # Logical devices must be configured before TF initialises them: a fresh interpreter.
-    result = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"TF_CPP_MIN_LOG_LEVEL": "3", **os.environ},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = script_result(start_script(MIRRORED_SCRIPT), timeout=120)
     assert out["replicas"] == [2]
     assert out["norm"] == [4.0, 4.0]  # 3 positives on replica 0, 1 on replica 1
     assert out["empty"] == [1.0, 1.0]  # no positives anywhere: the minimum
@@ -442,19 +422,6 @@ def np_bce_logits(y, z):
     return y * np.logaddexp(0.0, -z) + (1 - y) * np.logaddexp(0.0, z)
 
 
-def np_iou_matrix(a, b):
-    """float64 IoU of xyxy boxes (M, 4) x (N, 4) -> (M, N); 0 for empty unions."""
-    a, b = np.asarray(a, np.float64)[:, None], np.asarray(b, np.float64)[None]
-    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    area_a, area_b = (
-        np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)
-        for x in (a, b)
-    )
-    union = area_a + area_b - iw * ih
-    return np.divide(iw * ih, union, out=np.zeros_like(union), where=union > 0)
-
-
 def np_ciou(p, g, eps=1e-7):
     """CIoU of two xyxy boxes from the paper (float64; alpha as a constant, eps as the package)."""
     pw, ph = max(p[2] - p[0], 0.0), max(p[3] - p[1], 0.0)
@@ -475,7 +442,7 @@ def np_ignore_mask(pred_boxes, gt_boxes, gt_valid, thresh):
     for b in range(len(pred_boxes)):
         gts = gt_boxes[b][gt_valid[b]]
         if len(gts):
-            out[b] = np_iou_matrix(pred_boxes[b], gts).max(axis=1) > thresh
+            out[b] = np_iou(pred_boxes[b], gts).max(axis=1) > thresh
     return out
 
 
@@ -500,7 +467,7 @@ def np_yolo_loss(y_true, y_pred, anchors, image_hw, gt_boxes, gt_labels, thresh,
             h = awh[a, 1] * np.exp(min(t[3], LOG_1000))
             pred = np.array([x - w / 2, y - h / 2, x + w / 2, y + h / 2])
             gts = gt[b][valid[b]]
-            ignored = len(gts) > 0 and np_iou_matrix(pred[None], gts).max() > thresh
+            ignored = len(gts) > 0 and np_iou(pred[None], gts).max() > thresh
             obj = g[4]
             bce = np_bce_logits(obj, t[4])
             sums["objectness"] += obj * bce + (1 - obj) * (not ignored) * bce
@@ -626,7 +593,7 @@ def test_yolo_ignore_mask_matches_per_image_loops(data, batch, num_pred, num_gt,
     near = np.zeros_like(expected)
     for b in range(batch):
         if num_gt:
-            near[b] = (np.abs(np_iou_matrix(pred[b], gt[b]) - thresh) < 1e-5)[:, valid[b]].any(1)
+            near[b] = (np.abs(np_iou(pred[b], gt[b]) - thresh) < 1e-5)[:, valid[b]].any(1)
     got = L.yolo_ignore_mask(pred, gt, valid, thresh).numpy()
     loop = ignore_mask_while_loop(pred, gt, valid, thresh).numpy()
     assert got.shape == loop.shape == (batch, num_pred) and got.dtype == bool

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from _reference import np_iou
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -24,18 +25,6 @@ def _match(anchors, gt_boxes, gt_labels, *args, **kwargs):
         np.asarray(anchors, F), np.asarray(gt_boxes, F), np.asarray(gt_labels), *args, **kwargs
     )
     return m.states.numpy(), m.matched_gt.numpy(), m.matched_iou.numpy()
-
-
-def _iou64(a, b):
-    """float64 IoU of xyxy boxes a (N, 4) and b (M, 4) -> (N, M)."""
-    a = np.asarray(a, np.float64)[:, None, :]
-    b = np.asarray(b, np.float64)[None, :, :]
-    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = iw * ih
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    return inter / np.maximum(area_a + area_b - inter, 1e-12)
 
 
 def _reference_match(
@@ -61,7 +50,7 @@ def _reference_match(
     for b in range(batch):
         boxes, labels = gt_boxes[b], gt_labels[b]
         valid = (labels >= 0) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        iou = _iou64(anchors, boxes) if len(boxes) else np.zeros((num_anchors, 0))
+        iou = np_iou(anchors, boxes) if len(boxes) else np.zeros((num_anchors, 0))
         iou[:, ~valid] = -1.0
         iou[~inside, :] = -1.0
         for a in range(num_anchors):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from _reference import assert_same_detections, np_iou
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,17 +18,6 @@ def _nms(boxes, scores, **kwargs):
     return {k: v.numpy() for k, v in out.items()}
 
 
-def _iou64(box, others):
-    """float64 IoU of one xyxy box (4,) with boxes (K, 4)."""
-    box, others = np.asarray(box, np.float64), np.asarray(others, np.float64)
-    iw = np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
-    ih = np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0, None)
-    inter = iw * ih
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
-    return inter / (area + areas - inter)
-
-
 def _greedy(boxes, scores, iou_threshold, score_threshold, limit):
     """Textbook greedy NMS on one set of boxes -> kept indices, best first."""
     order = [i for i in np.argsort(-scores, kind="stable") if scores[i] > score_threshold]
@@ -35,7 +25,7 @@ def _greedy(boxes, scores, iou_threshold, score_threshold, limit):
     for i in order:
         if len(keep) == limit:
             break
-        if not keep or np.all(_iou64(boxes[i], boxes[keep]) <= iou_threshold):
+        if not keep or np.all(np_iou(boxes[i], boxes[keep])[0] <= iou_threshold):
             keep.append(i)
     return keep
 
@@ -72,17 +62,22 @@ def _reference(
 
 
 def _check_against_reference(out, ref, max_det):
+    """TF's padded detections equal the NumPy reference's, as sets (near-tied scores may come
+    out in either order), at the padded size ``max_det``."""
+    padded = {
+        "boxes": -np.ones((len(ref), max_det, 4)),
+        "scores": -np.ones((len(ref), max_det)),
+        "labels": -np.ones((len(ref), max_det), np.int64),
+        "num_detections": np.array([len(r[1]) for r in ref]),
+    }
     for b, (ref_boxes, ref_scores, ref_labels) in enumerate(ref):
         n = len(ref_scores)
-        assert out["num_detections"][b] == n
-        np.testing.assert_allclose(out["scores"][b, :n], ref_scores, rtol=1e-6)
-        np.testing.assert_allclose(out["boxes"][b, :n], ref_boxes, rtol=1e-6)
-        np.testing.assert_array_equal(out["labels"][b, :n], ref_labels)
-        # Padding convention past num_detections.
-        np.testing.assert_array_equal(out["boxes"][b, n:], -1)
-        np.testing.assert_array_equal(out["scores"][b, n:], -1)
-        np.testing.assert_array_equal(out["labels"][b, n:], -1)
-    assert out["boxes"].shape[1] == max_det
+        padded["boxes"][b, :n], padded["scores"][b, :n], padded["labels"][b, :n] = (
+            ref_boxes,
+            ref_scores,
+            ref_labels,
+        )
+    assert_same_detections(out, padded, atol=1e-6, rtol=1e-6)
 
 
 # --- hand-made cases --------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from dlnotes.backbones import build_backbone, preprocess_for
 from dlnotes.boxes import BoxCoder, clip_boxes
 from dlnotes.losses import global_normalizer, sigmoid_focal_loss, smooth_l1
 from dlnotes.matching import POSITIVE, gather_matched, match_anchors
-from dlnotes.models.detector import Detector, check_targets
+from dlnotes.models.detector import Detector
 from dlnotes.necks import build_neck
 from dlnotes.postprocess import decode_detections
 
@@ -409,7 +409,7 @@ class RetinaNet(Detector):
         Under ``tf.distribute`` each replica returns its share: the sum over replicas is the
         global-batch loss.
         """
-        check_targets("RetinaNet", y)
+        self.check_targets(y)
         if not isinstance(y_pred, dict) or not {"class_logits", "box_deltas"} <= set(y_pred):
             raise ValueError(
                 'RetinaNet predictions must be the dict of call(): {"class_logits", '

@@ -34,12 +34,12 @@ import numpy as np
 import tensorflow as tf
 
 from dlnotes.anchors import YOLO_COCO_ANCHORS, YOLO_MASKS, YoloAnchors
-from dlnotes.backbones.darknet import build_darknet53
+from dlnotes.backbones import build_darknet53, preprocess_for
 from dlnotes.boxes import clip_boxes, yolo_decode
 from dlnotes.darknet_io import darknet_units, load_darknet_weights, yolov3_config_from_cfg
 from dlnotes.losses import yolo_loss
 from dlnotes.matching import assign_yolo_targets
-from dlnotes.models.detector import Detector, check_targets
+from dlnotes.models.detector import Detector
 from dlnotes.necks import NeckConv, YoloFPN
 from dlnotes.postprocess import batched_nms
 
@@ -220,7 +220,7 @@ class YOLOv3(Detector):
         self.iou_threshold = float(iou_threshold)
         self.max_detections = int(max_detections)
 
-        self.rescale = keras.layers.Rescaling(1.0 / 255.0, name="scale_to_unit")
+        self.preprocessing = preprocess_for("darknet53")  # RGB / 255, darknet's input
         self.backbone = build_darknet53(
             (*self.image_size, 3),
             initial_filters=self.initial_filters,
@@ -297,7 +297,7 @@ class YOLOv3(Detector):
                 f"YOLOv3 was built for image_size={self.image_size}; got images of shape "
                 f"{tuple(images.shape)}. Resize (letterbox) the images or build another model."
             )
-        features = self.backbone(self.rescale(images), training=training)
+        features = self.backbone(self.preprocessing(images), training=training)
         levels = self.neck(features, training=training)[::-1]  # stride 32 first, as darknet
         return [head(x, training=training) for head, x in zip(self.heads, levels, strict=True)]
 
@@ -331,7 +331,7 @@ class YOLOv3(Detector):
 
     def loss_terms(self, y, y_pred):
         """The YOLO loss terms, each summed over levels and divided by the global batch size."""
-        check_targets("YOLOv3", y)
+        self.check_targets(y)
         if not isinstance(y_pred, (list, tuple)) or len(y_pred) != 3:
             raise ValueError(
                 "YOLOv3 predictions must be the list of 3 output grids of call(), got "

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _reference import randomize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,22 +51,6 @@ def small():
     model = build_darknet53((None, None, 3), initial_filters=F, use_bias=True)
     randomize(model, seed=0)
     return model
-
-
-def randomize(model, seed):
-    """Random BN statistics / affine and biases of a realistic size (kernels keep their init)."""
-    rng = np.random.default_rng(seed)
-    for w in model.weights:
-        name = w.path
-        if name.endswith("gamma"):
-            value = rng.uniform(0.5, 1.5, w.shape)
-        elif name.endswith(("beta", "bias", "moving_mean")):
-            value = rng.normal(0.0, 0.2, w.shape)
-        elif name.endswith("moving_variance"):
-            value = rng.uniform(0.5, 2.0, w.shape)
-        else:
-            continue
-        w.assign(value.astype("float32"))
 
 
 # ----------------------------------------------------------------------------- NumPy reference

@@ -13,6 +13,7 @@
 import functools
 import os
 
+import _reference
 import keras
 import numpy as np
 import pytest
@@ -241,27 +242,11 @@ def test_grouped_conv_layout():
 
 # ----------------------------------------------------------------------------- keras.applications
 def randomize(model, seed, bias_std=0.1):
-    """Random kernels/biases and non-trivial BN statistics, so that a copy is really tested."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            c = layer.gamma.shape[0]
-            layer.set_weights(
-                [
-                    rng.uniform(0.5, 1.5, c),
-                    rng.normal(0, 0.1, c),
-                    rng.normal(0, 0.1, c),
-                    rng.uniform(0.5, 2.0, c),
-                ]
-            )
-        elif isinstance(layer, keras.layers.Conv2D):
-            k = layer.kernel
-            fan_in = np.prod(k.shape[:3])
-            values = [rng.normal(0, np.sqrt(2.0 / fan_in), k.shape)]
-            if layer.use_bias:
-                values.append(rng.normal(0, bias_std, layer.bias.shape))
-            layer.set_weights(values)
-    return model
+    """Random He-scaled kernels, biases and non-trivial BN statistics, so a copy is really
+    tested."""
+    return _reference.randomize(
+        model, seed, spread=0.1, bias_spread=bias_std, kernel_gain=np.sqrt(2.0)
+    )
 
 
 def calibrate(model, x, seed):

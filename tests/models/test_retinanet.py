@@ -2,17 +2,20 @@
 reference, degenerate inputs, label validation (eager, graph, XLA), the Keras workflow,
 save / load, parameter counts against published figures and two-replica training."""
 
-import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _reference import (
+    assert_same_detections,
+    check_replicas_match_one_device,
+    detector_replicas_script,
+    np_iou,
+    script_result,
+    start_script,
+)
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -80,15 +83,6 @@ def np_anchor_grid(image_size, sizes, strides, ratios, scales):
                     grid[i, j, a] = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
         levels.append(grid)
     return levels
-
-
-def np_iou(a, b):
-    a, b = np.asarray(a, np.float64)[:, None], np.asarray(b, np.float64)[None]
-    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = iw * ih
-    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
-    return inter / np.maximum(area(a) + area(b) - inter, 1e-12)
 
 
 def np_encode(anchors, boxes):
@@ -505,25 +499,10 @@ def test_fit_evaluate_predict():
     from_array = m.predict(x, batch_size=3, verbose=0)
     expected = m.decode(m(x))
 
-    def canonical(det):
-        """Detections per image in a fixed order: NMS may order tied scores either way."""
-        det = {k: np.asarray(v) for k, v in det.items()}
-        rows = np.concatenate(
-            [det["scores"][..., None], det["labels"][..., None], det["boxes"]], -1
-        )
-        rows = np.round(rows, 3)
-        order = [np.lexsort(r.T[::-1]) for r in rows]
-        return {
-            k: (v if v.ndim == 1 else np.stack([x[o] for x, o in zip(v, order, strict=True)]))
-            for k, v in det.items()
-        }
-
     for out in (from_dataset, from_array):
         assert set(out) == {"boxes", "scores", "labels", "num_detections"}
         assert out["boxes"].shape == (4, 300, 4) and out["scores"].shape == (4, 300)
-        got, want = canonical(out), canonical(expected)
-        for key in out:
-            np.testing.assert_allclose(got[key], want[key], atol=1e-4)
+        assert_same_detections(out, expected, atol=1e-4)
     n = from_array["num_detections"]
     assert (n > 0).all() and (n <= 300).all()
     for b in range(4):
@@ -604,9 +583,7 @@ def test_jit_compiled_training_matches_graph_training():
     bias = xla.class_head.output_conv.bias
     bias.assign(tf.zeros_like(bias))
     out = xla.predict(x, batch_size=2, verbose=0)
-    expected = xla.decode(xla(x))
-    for key in out:
-        np.testing.assert_allclose(out[key], expected[key], atol=1e-4)
+    assert_same_detections(out, xla.decode(xla(x)), atol=1e-4)
 
 
 def test_jit_compiled_fit_of_the_full_preset_with_adam():
@@ -722,89 +699,6 @@ def test_parameter_count_matches_torchvision():
 
 
 # ----------------------------------------------------------------------------- distribution
-MIRRORED_SCRIPT = textwrap.dedent(
-    """
-    import json
-    import numpy as np
-    import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
-    )
-    import keras
-    from dlnotes.models.retinanet import RetinaNet
-
-    def build():
-        m = RetinaNet.from_preset(
-            "retinanet_tiny_256", num_classes=3, image_size=(64, 64), **json.loads(SLIM)
-        )
-        # Per-replica batch statistics would differ from the global batch's: freeze BN, so that
-        # one device and two replicas compute the same function.
-        for layer in m._flatten_layers():
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = False
-        return m
-
-    rng = np.random.RandomState(0)
-    x = rng.uniform(0, 255, (4, 64, 64, 3)).astype("float32")
-    boxes = -np.ones((4, 3, 4), "float32")
-    labels = -np.ones((4, 3), "int32")
-    # Replica 0 gets images 0-1 (3 GTs), replica 1 images 2-3 (1 GT, one empty image): the
-    # per-replica positive counts differ, so per-replica normalisers would give other gradients.
-    boxes[0, :2] = [[8, 8, 40, 40], [30, 20, 60, 50]]; labels[0, :2] = [0, 1]
-    boxes[1, 0] = [4, 30, 24, 62]; labels[1, 0] = 2
-    boxes[3, 0] = [10, 10, 50, 30]; labels[3, 0] = 1
-    y = {"boxes": boxes, "labels": labels}
-
-    single = build()
-    initial = single.get_weights()
-    with tf.GradientTape() as tape:
-        loss = single.compute_loss(x, y, single(x, training=True))
-    grads = tape.gradient(loss, single.trainable_variables)
-
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    with strategy.scope():
-        dist = build()
-    dist.set_weights(initial)
-
-    def replica_fn(x, y):
-        with tf.GradientTape() as tape:
-            loss = dist.compute_loss(x, y, dist(x, training=True))
-        grads = tape.gradient(loss, dist.trainable_variables)
-        ctx = tf.distribute.get_replica_context()
-        return loss, ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-
-    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
-    batch = next(iter(strategy.experimental_distribute_dataset(data)))
-    losses, dist_grads = tf.function(lambda b: strategy.run(replica_fn, args=b))(batch)
-    shares = [float(v) for v in strategy.experimental_local_results(losses)]
-    grad_error = max(
-        float(np.abs(strategy.experimental_local_results(d)[0].numpy() - g.numpy()).max())
-        for d, g in zip(dist_grads, grads)
-    )
-    grad_scale = max(float(np.abs(g.numpy()).max()) for g in grads)
-
-    # Keras' own train step: one SGD step on the same global batch.
-    single.compile(optimizer=keras.optimizers.SGD(1.0))
-    with strategy.scope():
-        dist.compile(optimizer=keras.optimizers.SGD(1.0))
-    h_single = single.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0).history
-    h_dist = dist.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0).history
-    u_single = np.concatenate([(w - w0).ravel() for w, w0 in zip(single.get_weights(), initial)])
-    u_dist = np.concatenate([(w - w0).ravel() for w, w0 in zip(dist.get_weights(), initial)])
-    print(json.dumps({
-        "replicas": strategy.num_replicas_in_sync, "single_loss": float(loss), "shares": shares,
-        "grad_error": grad_error, "grad_scale": grad_scale,
-        "h_single": {k: v[0] for k, v in h_single.items()},
-        "h_dist": {k: v[0] for k, v in h_dist.items()},
-        "update_norm": float(np.linalg.norm(u_single)),
-        "update_error": float(np.linalg.norm(u_dist - u_single)),
-    }))
-    """
-)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def mirrored_run(request):
     """Starts the two-replica script at module setup (when its test is selected), so that it runs
@@ -812,14 +706,8 @@ def mirrored_run(request):
     if not any(item.name == "test_two_replicas_match_one_device" for item in request.session.items):
         yield None
         return
-    # Logical devices must be configured before TF initialises them: a fresh interpreter.
-    process = subprocess.Popen(
-        [sys.executable, "-c", f"SLIM = {json.dumps(json.dumps(SLIM))}\n{MIRRORED_SCRIPT}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
+    kwargs = {**PRESETS["retinanet_tiny_256"], "num_classes": 3, "image_size": [64, 64], **SLIM}
+    process = start_script(detector_replicas_script("dlnotes.models.retinanet:RetinaNet", kwargs))
     yield process
     if process.poll() is None:
         process.kill()
@@ -827,21 +715,7 @@ def mirrored_run(request):
 
 
 def test_two_replicas_match_one_device(mirrored_run):
-    stdout, stderr = mirrored_run.communicate(timeout=300)
-    assert mirrored_run.returncode == 0, stderr[-3000:]
-    out = json.loads(stdout.strip().splitlines()[-1])
-    assert out["replicas"] == 2
-    # Each replica returns its share of the global loss; the shares sum to the one-device loss.
-    assert sum(out["shares"]) == pytest.approx(out["single_loss"], rel=1e-5)
-    assert out["shares"][0] != pytest.approx(out["shares"][1], rel=1e-2)
-    # Summed gradients are the one-device gradients.
-    assert out["grad_error"] <= 1e-4 * out["grad_scale"]
-    # Keras' train step (SUM all-reduce) applies the one-device SGD update and reports the
-    # global-batch losses.
-    assert out["update_norm"] > 1e-3
-    assert out["update_error"] <= 1e-3 * out["update_norm"]
-    for key in ("loss", "class_loss", "box_loss"):
-        assert out["h_dist"][key] == pytest.approx(out["h_single"][key], rel=1e-4)
+    check_replicas_match_one_device(script_result(mirrored_run), ("class_loss", "box_loss"))
 
 
 def test_presets_build_with_their_documented_settings():

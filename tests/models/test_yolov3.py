@@ -1,16 +1,17 @@
 """YOLOv3: structure, parameter counts, targets and loss through the model, the Keras contract,
 darknet weights round trip, XLA and tf.distribute."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _reference import (
+    assert_same_detections,
+    check_replicas_match_one_device,
+    detector_replicas_script,
+    script_result,
+    start_script,
+)
 
 from dlnotes.anchors import YOLO_COCO_ANCHORS
 from dlnotes.darknet_io import (
@@ -174,8 +175,7 @@ def test_fit_evaluate_predict():
     out = m.predict(x, batch_size=3, verbose=0)
     expected = m.decode(m(x))
     assert out["boxes"].shape == (4, 100, 4) and out["scores"].shape == (4, 100)
-    for key in out:
-        np.testing.assert_allclose(out[key], expected[key], atol=1e-4)
+    assert_same_detections(out, expected, atol=1e-4)
     n = out["num_detections"]
     assert (n > 0).all()
     assert (out["boxes"][..., :2] >= 0).all() and (out["boxes"][..., 2:] <= 64).all()
@@ -279,93 +279,16 @@ def test_jit_compiled_training_matches_graph_training():
     with pytest.raises(tf.errors.InvalidArgumentError, match="outside \\[-1, 3\\).*jit_compile"):
         xla.fit(x, bad, batch_size=2, epochs=1, verbose=0)
     out = xla.predict(x, batch_size=2, verbose=0)
-    expected = xla.decode(xla(x))
-    for key in out:  # XLA's convolutions round differently: pixels agree to 1e-3
-        np.testing.assert_allclose(out[key], expected[key], rtol=1e-4, atol=1e-3)
+    # XLA's convolutions round differently: pixels agree to 1e-3
+    assert_same_detections(out, xla.decode(xla(x)), atol=1e-3, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- tf.distribute
-MIRRORED_SCRIPT = textwrap.dedent(
-    """
-    import json
-    import numpy as np
-    import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
-    )
-    import keras
-    from dlnotes.models.yolov3 import YOLOv3
-
-    def build():
-        m = YOLOv3(num_classes=3, **SMALL)
-        for layer in m._flatten_layers():  # per-replica BN statistics would differ: freeze BN
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = False
-        return m
-
-    rng = np.random.RandomState(0)
-    x = rng.uniform(0, 255, (4, 64, 64, 3)).astype("float32")
-    boxes = -np.ones((4, 3, 4), "float32")
-    labels = -np.ones((4, 3), "int32")
-    boxes[0, :2] = [[8, 8, 40, 40], [30, 20, 60, 50]]; labels[0, :2] = [0, 1]
-    boxes[3, 0] = [10, 10, 50, 30]; labels[3, 0] = 1
-    y = {"boxes": boxes, "labels": labels}
-
-    single = build()
-    initial = single.get_weights()
-    with tf.GradientTape() as tape:
-        loss = single.compute_loss(x, y, single(x, training=True))
-    grads = tape.gradient(loss, single.trainable_variables)
-
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    with strategy.scope():
-        dist = build()
-    dist.set_weights(initial)
-
-    def replica_fn(x, y):
-        with tf.GradientTape() as tape:
-            loss = dist.compute_loss(x, y, dist(x, training=True))
-        grads = tape.gradient(loss, dist.trainable_variables)
-        ctx = tf.distribute.get_replica_context()
-        return loss, ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-
-    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
-    batch = next(iter(strategy.experimental_distribute_dataset(data)))
-    losses, dist_grads = tf.function(lambda b: strategy.run(replica_fn, args=b))(batch)
-    shares = [float(v) for v in strategy.experimental_local_results(losses)]
-    grad_error = max(
-        float(np.abs(strategy.experimental_local_results(d)[0].numpy() - g.numpy()).max())
-        for d, g in zip(dist_grads, grads)
-    )
-    grad_scale = max(float(np.abs(g.numpy()).max()) for g in grads)
-    print(json.dumps({
-        "replicas": strategy.num_replicas_in_sync, "single_loss": float(loss), "shares": shares,
-        "grad_error": grad_error, "grad_scale": grad_scale,
-    }))
-    """
-)
-
-
 def test_two_replicas_match_one_device():
-    # Logical devices must be configured before TF initialises them: a fresh interpreter.
-    small = {**SMALL, "image_size": list(SIZE)}
-    result = subprocess.run(
-        [sys.executable, "-c", f"SMALL = {json.dumps(small)}\n{MIRRORED_SCRIPT}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["replicas"] == 2
-    # Each replica returns its share (divided by the global batch size): the shares sum to the
-    # one-device loss, and the summed gradients are the one-device gradients.
-    assert sum(out["shares"]) == pytest.approx(out["single_loss"], rel=1e-5)
-    assert out["shares"][0] != pytest.approx(out["shares"][1], rel=1e-2)
-    assert out["grad_error"] <= 1e-4 * out["grad_scale"]
+    kwargs = {**SMALL, "num_classes": 3, "image_size": list(SIZE)}
+    process = start_script(detector_replicas_script("dlnotes.models.yolov3:YOLOv3", kwargs))
+    terms = ("xy_loss", "wh_loss", "objectness_loss", "class_loss")
+    check_replicas_match_one_device(script_result(process), terms)
 
 
 def test_presets():

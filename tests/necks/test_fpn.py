@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _reference import randomize
 
 from dlnotes.necks import (
     FPN,
@@ -37,22 +38,6 @@ def features(sizes=ODD_SIZES, channels=CHANNELS, batch=2, seed=0, dtype=np.float
         rng.normal(size=(batch, h, w, c)).astype(dtype)
         for (h, w), c in zip(sizes, channels, strict=True)
     ]
-
-
-def randomize(layer, seed=1):
-    """Random values for every weight (biases and BN statistics included)."""
-    rng = np.random.default_rng(seed)
-    for w in layer.weights:
-        shape = tuple(w.shape)
-        if w.name == "moving_variance":
-            value = rng.uniform(0.5, 2.0, shape)
-        elif w.name == "gamma":
-            value = rng.uniform(0.5, 1.5, shape)
-        elif w.name in ("beta", "bias", "moving_mean"):
-            value = rng.normal(0.0, 0.3, shape)
-        else:
-            value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[:-1])), shape)
-        w.assign(value.astype(w.dtype))
 
 
 # ----------------------------------------------------------------------------- NumPy references
@@ -233,7 +218,7 @@ def test_fpn_matches_numpy_reference(kwargs, sizes):
     fpn = FPN(num_channels=8, dtype="float64", **kwargs)
     feats = features(sizes, dtype=np.float64)
     fpn(feats)
-    randomize(fpn)
+    randomize(fpn, 1, spread=0.3, kernel_gain=1.0)
     got = fpn(feats, training=False)
     assert all(o.dtype == tf.float64 for o in got)
     want = np_fpn_p3_p7(fpn, *feats)
@@ -264,7 +249,7 @@ def test_panet_matches_numpy_reference():
         panet = PANet(num_channels=8, batch_norm=True, dtype="float64")
         feats = features(sizes, dtype=np.float64)
         panet(feats)
-        randomize(panet)
+        randomize(panet, 1, spread=0.3, kernel_gain=1.0)
         got = panet(feats, training=False)
         assert all(u.activation == "relu" for u in panet.down_convs + panet.fuse_convs)
         assert [u.strides for u in panet.down_convs + panet.fuse_convs] == [2] * 4 + [1] * 4
@@ -277,7 +262,7 @@ def test_yolo_fpn_matches_numpy_reference():
         neck = YoloFPN(filters=(16, 8, 4), dtype="float64")
         feats = features(sizes, dtype=np.float64)
         neck(feats)
-        randomize(neck)
+        randomize(neck, 1, spread=0.3, kernel_gain=1.0)
         got = neck(feats, training=False)
         for g, w in zip(got, np_yolo_fpn(neck, *feats), strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9)
@@ -414,7 +399,7 @@ def test_config_round_trip(name):
     neck = build_neck(name, **SMALL[name])
     feats = features()
     neck(feats)
-    randomize(neck)
+    randomize(neck, 1, spread=0.3, kernel_gain=1.0)
     config = neck.get_config()
     clone = type(neck).from_config(config)
     assert clone.get_config() == config
@@ -436,7 +421,7 @@ def test_keras_file_save_load(name, tmp_path):
     inputs = [keras.Input((h, w, c)) for (h, w), c in zip(ODD_SIZES, CHANNELS, strict=True)]
     neck = build_neck(name, **SMALL[name])
     model = keras.Model(inputs, neck(inputs))
-    randomize(model)
+    randomize(model, 1, spread=0.3, kernel_gain=1.0)
     path = tmp_path / f"{name}.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
