@@ -87,13 +87,22 @@ def test_paper_parameter_count_and_weights_file_size():
 
 
 def test_objectness_prior_initialisation():
-    # training=True: batch statistics (an untrained model's moving statistics are 0 / 1).
-    out = _small(objectness_prior=0.01)(_images(2), training=True)
-    for level in out:
-        # The random output weights add symmetric noise to the logit: the median stays the prior.
-        assert np.median(tf.sigmoid(level[..., 4]).numpy()) == pytest.approx(0.01, rel=0.5)
+    keras.utils.set_random_seed(3)
+    model = _small(objectness_prior=0.01)
+    for head in model.heads:  # the objectness bias of every anchor is the prior's logit
+        bias = head.output_conv.bias.numpy().reshape(3, 5 + NUM_CLASSES)
+        np.testing.assert_allclose(bias[:, 4], -np.log(99.0), rtol=1e-6)
+        assert (bias[:, [0, 1, 2, 3, 5, 6, 7]] == 0).all()
+    # training=True: batch statistics (an untrained model's moving statistics are 0 / 1). The
+    # random output weights add symmetric noise to the logit: the median over all 504 cells and
+    # anchors of the three levels stays the prior (a single level's 24 values would be noisy).
+    out = model(_images(2), training=True)
+    objectness = np.concatenate([tf.sigmoid(level[..., 4]).numpy().ravel() for level in out])
+    assert objectness.size == 2 * 3 * (2 * 2 + 4 * 4 + 8 * 8)
+    assert np.median(objectness) == pytest.approx(0.01, rel=0.5)
     out = _small()(_images(2), training=True)  # darknet: zero bias, objectness about 0.5
-    assert np.median(tf.sigmoid(out[0][..., 4]).numpy()) == pytest.approx(0.5, abs=0.2)
+    objectness = np.concatenate([tf.sigmoid(level[..., 4]).numpy().ravel() for level in out])
+    assert np.median(objectness) == pytest.approx(0.5, abs=0.2)
 
 
 # ----------------------------------------------------------------------------- targets and loss
