@@ -13,6 +13,8 @@ One module per idea, each used by every model of the book:
 * :mod:`dlnotes.models` — the detectors (RetinaNet, YOLOv3)
 * :mod:`dlnotes.data` — the synthetic shapes data set, COCO JSON to ``tf.data``, transforms
 * :mod:`dlnotes.evaluation` — COCO mAP with pycocotools, and AP spelled out
+* :mod:`dlnotes.saving` — saving / loading models without overwriting, with clear file errors
+* :mod:`dlnotes.checks` — argument checks and the in-graph input checks of the detectors
 * :mod:`dlnotes.viz` — matplotlib drawing of boxes, anchors, assignments, heatmaps, curves
 """
 
@@ -28,6 +30,7 @@ from dlnotes import (
     models,
     necks,
     postprocess,
+    saving,
     viz,
 )
 
@@ -46,5 +49,6 @@ __all__ = [
     "models",
     "necks",
     "postprocess",
+    "saving",
     "viz",
 ]

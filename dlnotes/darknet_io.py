@@ -52,7 +52,6 @@ import dataclasses
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Sequence
 
 import keras
@@ -61,6 +60,7 @@ import numpy as np
 from dlnotes.anchors import YOLO_COCO_ANCHORS, YOLO_MASKS, YoloAnchors
 from dlnotes.checks import check_num_classes, integer, positive_int
 from dlnotes.darknet_layout import DARKNET53_BLOCKS
+from dlnotes.saving import writing
 
 __all__ = [
     "CfgSection",
@@ -1103,6 +1103,7 @@ def save_darknet_weights(
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
+        FileNotFoundError: the folder of ``path`` does not exist (named with ``path``).
         ValueError: bad header or ``seen``; a unit darknet cannot represent.
     """
     try:
@@ -1126,15 +1127,8 @@ def save_darknet_weights(
     for i, (conv, norm) in enumerate(units):
         _layout(i, conv, norm)  # validates that darknet can represent the unit
     path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(
-            f"save_darknet_weights: {path!r} exists; pass overwrite=True to replace it"
-        )
-
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".darknet-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with writing(path, overwrite, owner="save_darknet_weights") as tmp:
+        with open(tmp, "wb") as f:
             f.write(struct.pack("<3i", major, minor, revision))
             f.write(struct.pack("<Q" if wide else "<i", int(seen)))
             for conv, norm in units:
@@ -1155,9 +1149,4 @@ def save_darknet_weights(
                 for array in head:
                     f.write(np.asarray(array, "<f4").tobytes())
                 f.write(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1), "<f4").tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return os.path.getsize(path)

@@ -922,7 +922,18 @@ def evaluate_detector(model, dataset, batch_size: int = 50, image_size=None, kee
 
     Returns:
         A :class:`DetectorEvaluation`.
+
+    Raises:
+        ValueError: the model's ``num_classes`` differs from the data set's category count
+            (checked before any image is read).
     """
+    model_classes = getattr(model, "num_classes", None)
+    if model_classes is not None and model_classes != dataset.num_classes:
+        raise ValueError(
+            f"evaluate_detector: the model predicts {model_classes} classes but "
+            f"{dataset.annotation_file} has {dataset.num_classes} categories "
+            f"({dataset.class_names}); evaluate a model trained on this data set's categories"
+        )
     size = tuple(image_size or model.image_size)
     batches = dataset.to_tf_dataset(batch_size=batch_size, image_size=size, with_meta=True)
     detections, kept = [], []

@@ -791,6 +791,9 @@ def test_save_refuses_to_overwrite(source, source_file, tmp_path):
     save_darknet_weights(source, path, seen=12345, overwrite=True)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["x.weights"]  # no temporary file left
+    # A missing folder is named with the user's path, not a temporary file's.
+    with pytest.raises(FileNotFoundError, match=r"cannot write '.*missing/y\.weights': its folder"):
+        save_darknet_weights(source, tmp_path / "missing" / "y.weights")
 
 
 @pytest.mark.parametrize(

@@ -611,3 +611,12 @@ def test_evaluate_detector_maps_letterboxed_predictions_back(tmp_path):
     assert images.shape == (7, 64, 64, 3) and predictions["boxes"].shape[0] == 7
     np.testing.assert_array_equal(kept_targets["labels"], targets["labels"][:7])
     assert evaluate_detector(Oracle(), ds, batch_size=5).samples is None
+
+    # A model of another class count is refused before any image is read (not only once a
+    # detection happens to carry a label the data set lacks).
+    wrong = Oracle()
+    wrong.num_classes = ds.num_classes + 2
+    with pytest.raises(ValueError, match=rf"predicts {ds.num_classes + 2} classes but .* has "
+                       rf"{ds.num_classes} categories"):  # fmt: skip
+        evaluate_detector(wrong, ds)
+    assert wrong.seen == 0

@@ -33,7 +33,7 @@ import tensorflow as tf
 from dlnotes.checks import positive_int
 from dlnotes.data import transforms
 
-__all__ = ["CocoDataset", "CocoDataWarning"]
+__all__ = ["CocoDataset", "CocoDataWarning", "image_file_problem"]
 
 
 class CocoDataWarning(UserWarning):
@@ -42,6 +42,45 @@ class CocoDataWarning(UserWarning):
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    """An integer id; ``True`` is an int to Python (``True == 1``) but not an id."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Formats tf.io.decode_image reads, by their first bytes, and how a complete file ends.
+_IMAGE_FORMATS = (
+    ("PNG", b"\x89PNG\r\n\x1a\n", lambda tail: b"IEND\xaeB`\x82" in tail),
+    ("JPEG", b"\xff\xd8\xff", lambda tail: b"\xff\xd9" in tail),
+    ("GIF", b"GIF8", lambda tail: tail.rstrip(b"\x00").endswith(b";")),
+    ("BMP", b"BM", None),
+)
+
+
+def image_file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a complete PNG / JPEG / GIF / BMP image, or None.
+
+    Reads the first and last bytes only (no decoding): an empty file, a file of another kind
+    (a text or HTML file named ``.png``), or a PNG / JPEG / GIF whose end marker is missing (a
+    truncated download or copy). BMP files are checked against the size in their header.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        head = f.read(32)
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    for name, magic, complete in _IMAGE_FORMATS:
+        if head.startswith(magic):
+            if name == "BMP":
+                declared = int.from_bytes(head[2:6], "little")  # 0: not filled in
+                ok = declared <= size
+            else:
+                ok = complete(tail)
+            return None if ok else f"the {name} data is truncated (its end marker is missing)"
+    return f"not a PNG, JPEG, GIF or BMP image (the file starts with {head[:8]!r})"
 
 
 class CocoDataset:
@@ -145,7 +184,7 @@ class CocoDataset:
     def _parse_categories(self, categories: list) -> None:
         by_id: dict[int, dict] = {}
         for cat in categories:
-            if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
+            if not isinstance(cat, dict) or not _is_int(cat.get("id")):
                 raise ValueError(f"{self.annotation_file}: category without an integer id: {cat}")
             if cat["id"] in by_id:
                 raise ValueError(f"{self.annotation_file}: duplicate category id {cat['id']}")
@@ -202,7 +241,7 @@ class CocoDataset:
         seen: set = set()
         for img in images:
             image_id = img.get("id") if isinstance(img, dict) else None
-            if not isinstance(image_id, int):
+            if not _is_int(image_id):
                 raise ValueError(f"{self.annotation_file}: image entry without integer id: {img}")
             if image_id in seen:
                 raise ValueError(f"{self.annotation_file}: duplicate image id {image_id}")
@@ -223,6 +262,10 @@ class CocoDataset:
                 self._problem(
                     "missing_image_file", f"image id {image_id}: image file not found: {path}"
                 )
+                continue
+            problem = image_file_problem(path)
+            if problem:
+                self._problem("unreadable_image_file", f"image id {image_id}: {path}: {problem}")
                 continue
             kept[image_id] = {
                 "image_id": image_id,
@@ -296,8 +339,8 @@ class CocoDataset:
             ann_id = ann.get("id", f"#{index}")
             image_id = ann.get("image_id")
             where = f"annotation id {ann_id} (image id {image_id})"
-            if image_id not in kept_images:
-                if isinstance(image_id, int) and image_id in self._all_image_ids:
+            if not _is_int(image_id) or image_id not in kept_images:
+                if _is_int(image_id) and image_id in self._all_image_ids:
                     self.dropped["image_dropped"] += 1  # its image was already reported
                 else:
                     self._problem(
@@ -307,11 +350,11 @@ class CocoDataset:
             image = kept_images[image_id]
             where += f" [{Path(image['path']).name}]"
             category_id = ann.get("category_id")
-            if category_id not in self._label_of:
+            if not _is_int(category_id) or category_id not in self._label_of:
                 self._problem(
                     "unknown_category_id",
-                    f"{where}: category id {category_id} is not one of the categories "
-                    f"{self.category_ids}",
+                    f"{where}: category id {category_id!r} is not one of the categories' "
+                    f"integer ids {self.category_ids}",
                 )
                 continue
             box = self._check_bbox(ann, where, image)

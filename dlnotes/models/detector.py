@@ -20,12 +20,13 @@ proposals between its stages, with the targets), overrides the hooks
   draws a new sample and a step is repeatable;
 * :meth:`~Detector.detect` ``(images) -> detections`` — inference;
 
-and says which part runs under XLA: ``step_compiles_with_xla = True`` (RetinaNet, YOLOv3) lets
-Keras compile the whole train / test step; a model with ops that have no XLA kernel inside its
-step (proposal NMS between two stages) sets it to False and wraps its compilable parts with
-:meth:`~Detector.xla_part`, which compiles them when the model runs with ``jit_compile=True``.
-``target_keys`` names the target entries the model needs (other entries, such as
-``"keypoints"`` for a box detector, are allowed).
+and says which part runs under XLA. Under ``jit_compile=True`` a step is graph ops around an XLA
+core: the input checks and the optimizer update run as graph ops (where assertions work), the
+core — forward pass, targets, loss and gradients — as one XLA function when
+``step_compiles_with_xla = True`` (RetinaNet, YOLOv3). A model with ops that have no XLA kernel
+inside its core (proposal NMS between two stages) sets it to False and wraps its compilable parts
+with :meth:`~Detector.xla_part`. ``target_keys`` names the target entries the model needs (other
+entries, such as ``"keypoints"`` for a box detector, are allowed).
 
 The base class does the rest, once for all models:
 
@@ -34,15 +35,17 @@ The base class does the rest, once for all models:
 * ``fit`` / ``evaluate`` log ``loss`` and every term as global-batch values (a term is divided by a
   global normaliser, e.g. :func:`~dlnotes.losses.global_normalizer`, so Keras' all-reduce SUM of
   the replicas' gradients is the gradient of the global-batch loss);
-* labels outside ``[-1, num_classes)`` stop a graph-mode step before it changes anything (graph
-  assertions); XLA drops assertions, so every step also counts invalid labels in a hidden metric,
-  and when the whole step runs under XLA ``fit`` / ``evaluate`` raise ``InvalidArgumentError``
-  after the step;
+* bad input stops a step before it changes anything, in graph mode and under XLA alike: images
+  that are not ``(B, H, W, 3)`` of the model's size (``ValueError`` at once), NaN / inf pixels,
+  labels outside ``[-1, num_classes)``, target boxes that are not absolute-pixel ``xyxy``
+  (:meth:`~Detector.input_assertions`); a non-finite loss or gradient stops ``fit`` before the
+  optimizer update. The error (``InvalidArgumentError``) starts with the dlnotes message and
+  names the batch, TensorFlow's report follows;
 * ``CombinedNonMaxSuppression`` has no XLA kernel, so under ``jit_compile`` ``predict`` compiles
   only the network (``xla_part("network", ...)``) and runs decoding and NMS as ordinary
   TensorFlow ops;
-* the optimizer's variables are created before the first step is traced (XLA and the label
-  assertions' control dependencies cannot create variables inside the step).
+* the optimizer's variables are created before the first step is traced (XLA and the checks'
+  control dependencies cannot create variables inside the step).
 """
 
 from __future__ import annotations
@@ -52,7 +55,15 @@ import contextlib
 import keras
 import tensorflow as tf
 
-from dlnotes.checks import check_num_classes
+from dlnotes.checks import (
+    box_assertions,
+    check_image_batch,
+    check_num_classes,
+    finite_assertions,
+    image_assertions,
+    label_assertions,
+    reported_message,
+)
 
 __all__ = ["Detector", "check_targets"]
 
@@ -115,9 +126,9 @@ class Detector(keras.Model):
     presets: dict = {}
     #: Target entries the model needs (:func:`check_targets`); others are allowed.
     target_keys: tuple = ("boxes", "labels")
-    #: Whether Keras may compile the whole train / test step with XLA (``jit_compile=True``);
-    #: False for a model whose step holds ops without an XLA kernel, which then wraps its
-    #: compilable parts with :meth:`xla_part`.
+    #: Whether the core of a train / test step (forward pass, targets, loss, gradients) compiles
+    #: as one XLA function under ``jit_compile=True``; False for a model whose core holds ops
+    #: without an XLA kernel, which then wraps its compilable parts with :meth:`xla_part`.
     step_compiles_with_xla: bool = True
 
     @classmethod
@@ -134,9 +145,6 @@ class Detector(keras.Model):
         self.term_weights = dict(term_weights or {})
         self.sampling_seed = int(sampling_seed)
         self.loss_trackers = {name: keras.metrics.Mean(name=name) for name in loss_terms}
-        # Counts labels outside [-1, num_classes) seen by the loss; read after each step when
-        # XLA compiles the whole step (see make_train_function), left out of the reported logs.
-        self.invalid_label_counter = keras.metrics.Sum(name="invalid_labels")
         #: Names of the parts :meth:`xla_part` has compiled with XLA (for inspection).
         self.xla_parts_compiled = set()
         self._compile_parts = False  # whether xla_part compiles: only while a step is traced
@@ -201,8 +209,8 @@ class Detector(keras.Model):
 
     def xla_part(self, name, fn):
         """``fn`` as ``tf.function(fn, jit_compile=True)`` while a train / test / predict step of
-        a model compiled with ``jit_compile=True`` is traced and Keras does not already compile
-        the whole step; ``fn`` itself otherwise (eager calls, graph mode, whole-step XLA).
+        a model compiled with ``jit_compile=True`` is traced; ``fn`` itself otherwise (eager
+        calls, graph mode).
 
         Use it for the parts of a step that have XLA kernels (the network, targets, the loss),
         not for NMS. A new function is made at each trace of the step (a step is traced once),
@@ -227,21 +235,36 @@ class Detector(keras.Model):
     # ------------------------------------------------------------------ loss
 
     def label_assertions(self, labels):
-        """Graph assertions for labels outside ``[-1, num_classes)`` (dropped by XLA)."""
-        name, n = type(self).__name__, self.num_classes
-        return [
-            tf.debugging.assert_less(
-                labels, n,
-                message=f"{name}(num_classes={n}): a target label is >= num_classes (labels "
-                f"must be 0..{n - 1}, padding -1); check the data set's classes or the model's "
-                "num_classes",
-            ),
-            tf.debugging.assert_greater_equal(
-                labels, -1,
-                message=f"{name}(num_classes={n}): a target label is < -1 (labels must be "
-                f"0..{n - 1}, padding -1)",
-            ),
-        ]  # fmt: skip
+        """Graph assertions for labels outside ``[-1, num_classes)``
+        (:func:`dlnotes.checks.label_assertions`)."""
+        return label_assertions(labels, self.num_classes, type(self).__name__)
+
+    def check_images(self, images):
+        """Static checks of an image batch given to the model: ``(B, H, W, 3)`` RGB and, for a
+        model built for a fixed ``image_size``, ``(H, W)`` equal to it; ``ValueError`` naming
+        the shape (a grayscale, RGBA or resized batch never reaches the network)."""
+        name = type(self).__name__
+        check_image_batch(images, name)
+        size, expected = tuple(images.shape[1:3]), getattr(self, "image_size", None)
+        if expected is not None and None not in size and size != tuple(expected):
+            raise ValueError(
+                f"{name} was built for image_size={tuple(expected)} (its anchors / grids are "
+                f"fixed); got images of shape {tuple(images.shape)}. Resize (letterbox) the "
+                "images or build a model with another image_size."
+            )
+
+    def input_assertions(self, images, targets=None):
+        """Graph assertions on a batch before anything is computed from it: finite pixels,
+        labels in ``[-1, num_classes)``, target boxes that are absolute-pixel ``xyxy``
+        (:mod:`dlnotes.checks`). Also checks statically that ``images`` are ``(B, H, W, 3)``."""
+        owner = type(self).__name__
+        self.check_images(images)
+        checks = image_assertions(images, owner)
+        if isinstance(targets, dict) and "labels" in targets:
+            checks += self.label_assertions(targets["labels"])
+            if "boxes" in targets:
+                checks += box_assertions(targets["boxes"], targets["labels"], owner)
+        return checks
 
     def checked_labels(self, labels):
         """``labels`` as int32, after the :meth:`label_assertions` (use it to build targets)."""
@@ -262,7 +285,7 @@ class Detector(keras.Model):
 
     def total_loss(self, terms, y):
         """The weighted sum of ``terms`` (+ regularisation), this replica's share of the global
-        batch; updates the term trackers and the invalid-label counter.
+        batch; updates the term trackers.
 
         Keras sums gradients over replicas (all-reduce SUM), and every term is already a share of
         the global-batch loss, so it is returned unscaled; only ``self.losses`` get Keras' usual
@@ -277,9 +300,6 @@ class Detector(keras.Model):
         batch = tf.shape(y["labels"])[0]
         for name, value in terms.items():
             self.loss_trackers[name].update_state(value * replicas, sample_weight=batch)
-        labels = tf.cast(y["labels"], tf.int32)
-        invalid = tf.logical_or(labels >= self.num_classes, labels < -1)
-        self.invalid_label_counter.update_state(tf.reduce_sum(tf.cast(invalid, tf.float32)))
         return total
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
@@ -288,134 +308,190 @@ class Detector(keras.Model):
         self._reject_sample_weight(sample_weight)
         return self.total_loss(self.loss_terms(y, y_pred), y)  # each detector checks y
 
-    def get_metrics_result(self):
-        # The invalid-label counter is a safety check, not a training metric.
-        logs = super().get_metrics_result()
-        logs.pop(self.invalid_label_counter.name, None)
-        return logs
-
     # ------------------------------------------------------------------ steps
 
-    def _label_checks(self, y):
-        if isinstance(y, dict) and "labels" in y:
-            return self.label_assertions(tf.cast(y["labels"], tf.int32))
-        return []
+    def _train_core(self, x, y, seed):
+        """Forward pass, loss and gradients of a train step: ``(loss, gradients)``; Keras' loss
+        tracker and the term trackers updated (global-batch values)."""
+        with tf.GradientTape() as tape:
+            _, terms = self.forward_with_loss(x, y, training=True, seed=seed)
+            loss = self.total_loss(terms, y)
+            scaled = self.optimizer.scale_loss(loss)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        self._loss_tracker.update_state(loss * replicas, sample_weight=tf.shape(x)[0])
+        return loss, tape.gradient(scaled, self.trainable_weights)
 
-    def _step_loss(self, x, y, sample_weight, training):
-        """(outputs, loss) of one step, Keras' loss tracker updated (global-batch value)."""
-        self._reject_sample_weight(sample_weight)
-        outputs, terms = self.forward_with_loss(x, y, training=training, seed=self.step_seed())
+    def _test_core(self, x, y, seed):
+        """Forward pass and loss of a test step (trackers updated); returns the loss."""
+        _, terms = self.forward_with_loss(x, y, training=False, seed=seed)
         loss = self.total_loss(terms, y)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         self._loss_tracker.update_state(loss * replicas, sample_weight=tf.shape(x)[0])
-        return outputs, loss
+        return loss
+
+    def _core(self, name, fn):
+        """The step's core under XLA when the model says it compiles (one XLA function for the
+        network, targets, loss and gradients); else as graph ops with its own XLA parts."""
+        return self.xla_part(name, fn) if self.step_compiles_with_xla else fn
 
     def train_step(self, data):
-        """Keras' train step on :meth:`forward_with_loss`. Every op of the step (forward pass,
-        BN statistics, optimizer update and its iteration counter) waits for the label
-        assertions, so a bad label changes nothing (graph mode; eager raises at once; XLA
-        drops them, see :meth:`make_train_function`)."""
+        """One training step, in three parts:
+
+        1. :meth:`input_assertions` on the batch (images, labels, boxes);
+        2. the core — :meth:`forward_with_loss`, the weighted loss and its gradients — as one
+           XLA function under ``jit_compile`` (or with its own :meth:`xla_part` s);
+        3. an assertion that the loss and every gradient are finite, then the optimizer update.
+
+        Every op of 2 and 3 (the forward pass, BN statistics, the update and the optimizer's
+        iteration counter) waits for the checks of 1, and the update for those of 3, so bad
+        input changes nothing and a non-finite loss or gradient never reaches the weights; the
+        checks and the update run as graph ops, where assertions work, also under XLA.
+        """
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with self._tracing_step(whole_step_xla=self.step_compiles_with_xla):
-            with tf.control_dependencies(self._label_checks(y)):
-                with tf.GradientTape() as tape:
-                    outputs, loss = self._step_loss(x, y, sample_weight, training=True)
-                    scaled = self.optimizer.scale_loss(loss)
+        self._reject_sample_weight(sample_weight)
+        with self._tracing_step():
+            with tf.control_dependencies(self.input_assertions(x, y)):
+                loss, grads = self._core("train_core", self._train_core)(x, y, self.step_seed())
+            checks = self._finite_step_assertions(loss, grads)
+            with tf.control_dependencies(checks):
                 variables = self.trainable_weights
-                grads = tape.gradient(scaled, variables)
                 self.optimizer.apply_gradients(zip(grads, variables, strict=True))
-                return self.compute_metrics(x, y, outputs)
+            return self.get_metrics_result()
+
+    def _finite_step_assertions(self, loss, grads):
+        """Graph assertions that the loss and the gradients of a train step are finite, so that
+        the update that depends on them is never applied with NaN or inf."""
+        name = type(self).__name__
+        advice = (
+            "the update was not applied. The inputs passed their checks, so this is numerical: "
+            "lower the learning rate, clip the gradients (compile(optimizer=...(clipnorm=...)))"
+            " or look for NaN weights; tensors"
+        )
+        checks = finite_assertions([loss], ["loss"], f"{name}: the training loss is not finite "
+                                   f"(NaN or inf); {advice}")  # fmt: skip
+        # A LossScaleOptimizer skips non-finite gradients itself (mixed precision).
+        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            names = [v.path for v in self.trainable_weights]
+            with tf.control_dependencies(checks):  # a non-finite loss is reported as such
+                checks = finite_assertions(
+                    grads, names, f"{name}: non-finite gradients (NaN or inf); {advice}"
+                )
+        return checks
 
     def test_step(self, data):
-        """Keras' test step on :meth:`forward_with_loss` (``training=False``), label-checked."""
+        """One evaluation step: :meth:`input_assertions`, then :meth:`forward_with_loss` and the
+        loss (``training=False``) as the core of :meth:`train_step`."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with self._tracing_step(whole_step_xla=self.step_compiles_with_xla):
-            with tf.control_dependencies(self._label_checks(y)):
-                outputs, _ = self._step_loss(x, y, sample_weight, training=False)
-                return self.compute_metrics(x, y, outputs)
+        self._reject_sample_weight(sample_weight)
+        with self._tracing_step():
+            with tf.control_dependencies(self.input_assertions(x, y)):
+                self._core("test_core", self._test_core)(x, y, self.step_seed())
+            return self.get_metrics_result()
 
     def predict_step(self, data):
+        """:meth:`input_assertions` on the images, then :meth:`detect`."""
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        with self._tracing_step(whole_step_xla=False):  # NMS has no XLA kernel
-            return self.detect(x)
+        with self._tracing_step():
+            with tf.control_dependencies(self.input_assertions(x)):
+                return self.detect(tf.identity(x))
 
     @contextlib.contextmanager
-    def _tracing_step(self, whole_step_xla):
+    def _tracing_step(self):
         """While a step's Python body runs (its trace), :meth:`xla_part` compiles its parts if
-        the model runs with ``jit_compile`` and Keras does not compile the whole step."""
-        self._compile_parts = bool(self.jit_compile) and not whole_step_xla
+        the model runs with ``jit_compile``."""
+        self._compile_parts = bool(self.jit_compile)
         try:
             yield
         finally:
             self._compile_parts = False
 
-    def _raise_on_invalid_labels(self, step_function):
-        """Wraps an XLA-compiled train / test function: raise once it has seen a bad label."""
+    def _reporting(self, function, what):
+        """Wraps a train / test / predict function so that a failed check of the step raises
+        with the dlnotes message first (TensorFlow's report, 25 lines of stack, after it) and
+        names the batch."""
+        batches = {"done": 0}
 
-        def function(iterator):
-            logs = step_function(iterator)
-            count = int(self.invalid_label_counter.result())
-            if count:
-                self.invalid_label_counter.reset_state()
-                n = self.num_classes
+        def wrapped(iterator):
+            try:
+                logs = function(iterator)
+            except tf.errors.InvalidArgumentError as err:
+                message = reported_message(err)
+                if message is None or not message.startswith(type(self).__name__):
+                    raise
+                where = f"{what} batch {batches['done']}"
+                if what == "training" and getattr(self, "optimizer", None) is not None:
+                    where += f" (optimizer step {int(self.optimizer.iterations)})"
                 raise tf.errors.InvalidArgumentError(
-                    None,
-                    None,
-                    f"{type(self).__name__}(num_classes={n}): {count} target label(s) outside "
-                    f"[-1, {n}) (labels must be 0..{n - 1}, padding -1); check the data set's "
-                    "classes or the model's num_classes. The step ran under jit_compile=True, "
-                    "where XLA drops assertions, so this is raised after the step (its update "
-                    "is already applied).",
-                )
+                    err.node_def,
+                    err.op,
+                    f"{message} [{where}]\n\nTensorFlow's report:\n{err.message}",
+                ) from None
+            batches["done"] += int(self.steps_per_execution)
             return logs
 
-        return function
+        wrapped.reset = lambda: batches.update(done=0)
+        return wrapped
 
-    def _make_step_function(self, make, whole_step_xla):
-        """Keras' ``make`` (train / test / predict function) with XLA for the whole step only
-        when ``whole_step_xla``; otherwise the step is a graph and :meth:`xla_part` compiles
-        its parts."""
+    def _step_function(self, make, attribute, what):
+        """Keras' ``make`` (train / test / predict function, stored in ``attribute``) built
+        without Keras' whole-step XLA (the step's core compiles itself, see
+        :meth:`train_step`), wrapped by :meth:`_reporting`."""
         jit_compile = self.jit_compile
-        if jit_compile and not whole_step_xla:
-            self.jit_compile = False  # Keras would XLA-compile the whole step
+        self.jit_compile = False
         try:
             make()
         finally:
             self.jit_compile = jit_compile
+        return self._reporting(getattr(self, attribute), what)
 
     def make_train_function(self, force=False):
-        """Keras' train function, with the optimizer built first and, when XLA compiles the
-        whole step, a check for invalid labels after each call (one scalar read back from the
-        device)."""
+        """Keras' train function with the optimizer built first (:meth:`_step_function`)."""
         if self.train_function is not None and not force:
             return self.train_function
         if self.optimizer is not None and not self.optimizer.built:
-            # Created here, not lazily inside the first traced step, where the label checks'
+            # Created here, not lazily inside the first traced step, where the checks'
             # control dependencies (and XLA) forbid creating variables.
             self.optimizer.build(self.trainable_variables)
-        whole = self.step_compiles_with_xla
-        self._make_step_function(lambda: super(Detector, self).make_train_function(force), whole)
-        if self.jit_compile and whole:
-            self.train_function = self._raise_on_invalid_labels(self.train_function)
+        self.train_function = self._step_function(
+            lambda: super(Detector, self).make_train_function(force), "train_function", "training"
+        )
         return self.train_function
 
     def make_test_function(self, force=False):
-        """Keras' test function, with the invalid-label check of :meth:`make_train_function`."""
+        """Keras' test function (:meth:`_step_function`)."""
         if self.test_function is not None and not force:
             return self.test_function
-        whole = self.step_compiles_with_xla
-        self._make_step_function(lambda: super(Detector, self).make_test_function(force), whole)
-        if self.jit_compile and whole:
-            self.test_function = self._raise_on_invalid_labels(self.test_function)
+        self.test_function = self._step_function(
+            lambda: super(Detector, self).make_test_function(force), "test_function", "evaluation"
+        )
         return self.test_function
 
     def make_predict_function(self, force=False):
-        """Keras' predict function. ``CombinedNonMaxSuppression`` has no XLA kernel, so under
-        ``jit_compile`` only the parts :meth:`detect` marks (:meth:`xla_part`) are compiled and
-        decoding / NMS run as TensorFlow graph ops."""
+        """Keras' predict function (:meth:`_step_function`): under ``jit_compile`` only the parts
+        :meth:`detect` marks (:meth:`xla_part`) are compiled, and decoding / NMS run as
+        TensorFlow graph ops (``CombinedNonMaxSuppression`` has no XLA kernel)."""
         if self.predict_function is not None and not force:
             return self.predict_function
-        self._make_step_function(
-            lambda: super(Detector, self).make_predict_function(force), whole_step_xla=False
+        self.predict_function = self._step_function(
+            lambda: super(Detector, self).make_predict_function(force),
+            "predict_function",
+            "predict",
         )
         return self.predict_function
+
+    def fit(self, *args, **kwargs):
+        self._reset_batch_count(self.train_function)
+        return super().fit(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        self._reset_batch_count(self.test_function)
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        self._reset_batch_count(self.predict_function)
+        return super().predict(*args, **kwargs)
+
+    @staticmethod
+    def _reset_batch_count(function):
+        if hasattr(function, "reset"):
+            function.reset()

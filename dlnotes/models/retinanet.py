@@ -342,13 +342,7 @@ class RetinaNet(Detector):
     def head_outputs(self, images, training=False):
         """Per-level outputs in the notes' layout: lists of class logits ``(B, H, W, A, C)`` and
         box deltas ``(B, H, W, A, 4)``, one entry per pyramid level P3..P7."""
-        size = tuple(images.shape[1:3])
-        if None not in size and size != self.image_size:
-            raise ValueError(
-                f"RetinaNet was built for image_size={self.image_size} (its anchors are fixed); "
-                f"got images of shape {tuple(images.shape)}. Resize the images or build a model "
-                "with another image_size."
-            )
+        self.check_images(images)
         x = self.preprocessing(images)
         features = self.backbone(x, training=training)
         levels = self.neck(features, training=training)

@@ -291,12 +291,7 @@ class YOLOv3(Detector):
     # ------------------------------------------------------------------ forward
 
     def call(self, images, training=False):
-        size = tuple(images.shape[1:3])
-        if None not in size and size != self.image_size:
-            raise ValueError(
-                f"YOLOv3 was built for image_size={self.image_size}; got images of shape "
-                f"{tuple(images.shape)}. Resize (letterbox) the images or build another model."
-            )
+        self.check_images(images)
         features = self.backbone(self.preprocessing(images), training=training)
         levels = self.neck(features, training=training)[::-1]  # stride 32 first, as darknet
         return [head(x, training=training) for head, x in zip(self.heads, levels, strict=True)]

@@ -12,6 +12,7 @@ import tensorflow as tf
 from pycocotools.cocoeval import COCOeval
 
 from dlnotes.data import CocoDataset, CocoDataWarning, generate_shapes_dataset
+from dlnotes.data.coco import image_file_problem
 from dlnotes.data.shapes import CLASS_NAMES
 from dlnotes.data.transforms import undo_letterbox
 
@@ -170,6 +171,9 @@ def test_missing_image_file_raise_and_drop(tmp_path):
 
 BAD_CASES = [
     (_ann(7, 1, [1, 1, 5, 5], category_id=99), "unknown_category_id", r"category id 99"),
+    # True == 1 in Python, but a JSON `true` is no category id (and no image id)
+    (_ann(7, 1, [1, 1, 5, 5], category_id=True), "unknown_category_id", r"category id True"),
+    (_ann(7, True, [1, 1, 5, 5]), "unknown_image_id", r"image id True is not in images"),
     (_ann(7, 9, [1, 1, 5, 5]), "unknown_image_id", r"image id 9 is not in images"),
     (_ann(7, 1, [1, 1, 0, 5]), "nonpositive_size", r"width and height must be > 0"),
     (_ann(7, 1, [1, 1, 5, -2]), "nonpositive_size", r"width and height must be > 0"),
@@ -191,6 +195,48 @@ def test_invalid_annotation_raises_naming_it(tmp_path, bad, reason, message):
     assert "annotation id 7" in text and f"[{reason}]" in text and "set.json" in text
     if reason != "unknown_image_id":
         assert "(image id 1) [1.png]" in text
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda data: data[:100], "PNG data is truncated"),  # a cut download
+        (lambda data: b"", "the file is empty"),
+        (lambda data: b"<html>404 Not Found</html>", r"not a PNG, JPEG, GIF or BMP image"),
+    ],
+    ids=["truncated", "empty", "text"],
+)
+def test_unreadable_image_files_are_named_when_the_set_is_indexed(tmp_path, damage, message):
+    path, folder = _write_set(tmp_path, GOOD)
+    png = folder / "3.png"
+    png.write_bytes(damage(png.read_bytes()))
+    with pytest.raises(
+        ValueError, match=rf"image id 3: .*3\.png: .*{message}.*unreadable_image_file"
+    ):
+        CocoDataset(path, image_dir=folder)
+    with pytest.warns(CocoDataWarning, match="unreadable_image_file: 1"):
+        ds = CocoDataset(path, image_dir=folder, on_invalid="drop")
+    assert ds.image_ids == [1, 2]
+    images, _ = next(iter(ds.to_tf_dataset(batch_size=2, image_size=32)))  # the rest reads
+    assert images.shape == (2, 32, 32, 3)
+
+
+def test_complete_jpeg_gif_and_bmp_files_pass_the_file_check(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 255, (20, 30, 3), np.uint8)
+    for suffix in (".jpg", ".png", ".bmp"):
+        file = tmp_path / f"image{suffix}"
+        cv2.imwrite(str(file), pixels)
+        assert image_file_problem(file) is None, suffix
+        if suffix != ".bmp":
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+            assert "truncated" in image_file_problem(file), suffix
+    gif = tmp_path / "image.gif"  # the smallest valid GIF: 1x1, one colour
+    gif.write_bytes(
+        b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00"
+        b"\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+    )
+    assert image_file_problem(gif) is None
+    assert tf.io.decode_image(gif.read_bytes()).shape[-1] == 3
 
 
 def test_drop_mode_counts_every_reason(tmp_path):

@@ -158,3 +158,143 @@ def test_base_class_hooks_say_what_is_missing():
         bare.decode(None)
     with pytest.raises(ValueError, match="Bare: num_classes must be a positive integer, got 0"):
         Bare(num_classes=0, loss_terms=())
+
+
+# ----------------------------------------------------------------------------- bad input
+def _retinanet():
+    return RetinaNet(**SLIM)
+
+
+def _yolov3():
+    from dlnotes.anchors import YOLO_COCO_ANCHORS
+    from dlnotes.models.yolov3 import YOLOv3
+
+    return YOLOv3(
+        num_classes=3,
+        image_size=SIZE,
+        initial_filters=4,
+        anchors=(YOLO_COCO_ANCHORS / 6.5).tolist(),
+    )
+
+
+MODELS = pytest.mark.parametrize("build", [_retinanet, _yolov3], ids=["retinanet", "yolov3"])
+
+
+def _state(model):
+    """Every variable a step could change: weights, BN statistics, the optimizer's state."""
+    return [v.numpy().copy() for v in model.weights + model.optimizer.variables]
+
+
+def _assert_unchanged(before, model):
+    for a, v in zip(before, model.weights + model.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a, v.numpy(), err_msg=v.path)
+
+
+@MODELS
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_a_nan_pixel_stops_the_step_before_it_changes_anything(build, jit_compile):
+    model = build()
+    name = type(model).__name__
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit_compile)
+    x, y = _data()
+    model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0)
+    before = _state(model)
+    bad = x.copy()
+    bad[1, 5, 7, 1] = np.nan  # one pixel of the first batch's second image
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=rf"^{name}: NaN or inf pixel values in the images at batch positions 1 .*"
+        r"\[training batch 0 \(optimizer step 2\)\]",
+    ):
+        model.fit(bad, y, batch_size=2, epochs=1, shuffle=False, verbose=0)
+    _assert_unchanged(before, model)
+    history = model.fit(x, y, batch_size=2, epochs=1, verbose=0).history  # clean data trains on
+    assert np.isfinite(history["loss"]).all() and int(model.optimizer.iterations) == 4
+
+
+@MODELS
+def test_predict_and_evaluate_refuse_nan_and_inf_images(build):
+    model = build()
+    name = type(model).__name__
+    model.compile(optimizer=keras.optimizers.SGD(1e-3))
+    x, y = _data()
+    x[2, 0, 0, 0] = np.inf
+    with pytest.raises(tf.errors.InvalidArgumentError, match=rf"^{name}: NaN or inf .* 0 .*"
+                       r"\[predict batch 1\]"):  # fmt: skip
+        model.predict(x, batch_size=2, verbose=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=rf"^{name}: NaN or inf .*"
+                       r"\[evaluation batch 1\]"):  # fmt: skip
+        model.evaluate(x, y, batch_size=2, verbose=0)
+
+
+@MODELS
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda b: b[0, 1].__setitem__(slice(None), [30, 20, 25, 50]), r"not absolute-pixel xyxy"
+         r".* at \(image, slot\) 0 1 "),  # inverted: x2 < x1 (xywh passed as xyxy)
+        (lambda b: b[1, 0].__setitem__(0, np.nan), r"not absolute-pixel xyxy.* 1 0 "),
+        (lambda b: b.__setitem__(slice(None), np.where(b >= 0, b / 64.0, b)), "look normalised"),
+    ],
+    ids=["inverted", "nan", "normalised"],
+)  # fmt: skip
+def test_target_boxes_in_another_format_are_refused(build, change, match):
+    model = build()
+    model.compile(optimizer=keras.optimizers.SGD(1e-3))
+    model.optimizer.build(model.trainable_variables)
+    before = _state(model)
+    x, y = _data(2)
+    boxes = y["boxes"].copy()
+    change(boxes)
+    bad = {"boxes": boxes, "labels": y["labels"]}
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=rf"^{type(model).__name__}: .*{match}"
+    ):
+        model.fit(x, bad, batch_size=2, epochs=1, shuffle=False, verbose=0)
+    _assert_unchanged(before, model)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+        model.evaluate(x, bad, batch_size=2, verbose=0)
+    # Padded slots (label -1) are not boxes: any value there is ignored, as before.
+    y["boxes"][1, 2] = [5, 5, 1, 1]
+    assert np.isfinite(model.evaluate(x, y, batch_size=2, verbose=0)).all()
+
+
+@MODELS
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_a_non_finite_loss_stops_training_before_the_update(build, jit_compile):
+    model = build()
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), jit_compile=jit_compile)
+    model.optimizer.build(model.trainable_variables)
+    kernel = next(v for v in model.trainable_weights if len(v.shape) == 4)
+    value = kernel.numpy()
+    value.flat[0] = np.nan  # a NaN weight: the inputs are fine, the loss is not
+    kernel.assign(value)
+    trainable = [v.numpy().copy() for v in model.trainable_weights + model.optimizer.variables]
+    x, y = _data(2)
+    # TensorFlow's CPU graph optimisations may keep the loss finite with a NaN weight (the issue's
+    # "plausible finite loss"); the gradients are not, and either check stops the step.
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=rf"^{type(model).__name__}: (the training loss is not finite|non-finite gradients)"
+        r" \(NaN or inf\); the update was not applied.* (loss|conv)",
+    ):
+        model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    for a, v in zip(trainable, model.trainable_weights + model.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a, v.numpy(), err_msg=v.path)  # NaN == NaN here
+
+
+@MODELS
+def test_images_must_be_rgb_batches_of_the_model_size(build):
+    model = build()
+    name = type(model).__name__
+    model(np.zeros((1, *SIZE, 3), np.float32))  # called once: the channel check still holds
+    for channels in (1, 2, 4):
+        with pytest.raises(ValueError, match=rf"{name}: images must be RGB batches .*"
+                           rf"\(1, 64, 64, {channels}\)"):  # fmt: skip
+            model(np.zeros((1, *SIZE, channels), np.float32))
+    with pytest.raises(ValueError, match=r"\(64, 64, 3\)"):
+        model(np.zeros((64, 64, 3), np.float32))  # one image without the batch axis
+    with pytest.raises(ValueError, match=r"built for image_size=\(64, 64\)"):
+        model.predict(np.zeros((1, 96, 96, 3), np.float32), verbose=0)
+    with pytest.raises(ValueError, match="images must be RGB batches"):
+        model.predict(np.zeros((2, *SIZE, 1), np.float32), verbose=0)
