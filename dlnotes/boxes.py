@@ -337,22 +337,36 @@ class BoxCoder:
     i.e. ``std = 1 / weights`` (:meth:`from_weights`). Decoding clips ``tw, th`` at ``scale_clip``
     (default ``log(1000 / 16)``) before ``exp`` so that wild predictions never overflow.
 
+    ``order="yx"`` gives the deltas in automl's (EfficientDet's) order ``(ty, tx, th, tw)``, the
+    order of its ``yxyx`` boxes; ``mean`` / ``std`` then apply in that order. Boxes and anchors
+    are ``xyxy`` either way.
+
     Attributes:
         mean: tuple of 4 floats.
         std: tuple of 4 positive floats.
         scale_clip: float, upper bound of ``tw, th`` before ``exp`` in :meth:`decode`.
+        order: ``"xy"`` (``tx, ty, tw, th``) or ``"yx"`` (``ty, tx, th, tw``).
     """
 
+    ORDERS = ("xy", "yx")
+
     def __init__(
-        self, mean=(0.0, 0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0, 1.0), scale_clip=DEFAULT_SCALE_CLIP
+        self,
+        mean=(0.0, 0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0, 1.0),
+        scale_clip=DEFAULT_SCALE_CLIP,
+        order="xy",
     ):
         mean = tuple(float(m) for m in _flat4(mean, "mean"))
         std = tuple(float(s) for s in _flat4(std, "std"))
         if not all(s > 0 for s in std):
             raise ValueError(f"BoxCoder `std` must be positive, got {std}.")
+        if order not in self.ORDERS:
+            raise ValueError(f"BoxCoder `order` must be one of {self.ORDERS}, got {order!r}.")
         self.mean = mean
         self.std = std
         self.scale_clip = float(scale_clip)
+        self.order = order
 
     @classmethod
     def from_weights(cls, weights, scale_clip=DEFAULT_SCALE_CLIP):
@@ -381,9 +395,10 @@ class BoxCoder:
         bx, by, bw, bh = _center_size(_to_boxes(boxes, "boxes"))
         aw, ah = tf.maximum(aw, _SIZE_EPS), tf.maximum(ah, _SIZE_EPS)
         bw, bh = tf.maximum(bw, _SIZE_EPS), tf.maximum(bh, _SIZE_EPS)
-        t = tf.stack(
-            [(bx - ax) / aw, (by - ay) / ah, tf.math.log(bw / aw), tf.math.log(bh / ah)], axis=-1
-        )
+        t = [(bx - ax) / aw, (by - ay) / ah, tf.math.log(bw / aw), tf.math.log(bh / ah)]
+        if self.order == "yx":
+            t = [t[1], t[0], t[3], t[2]]
+        t = tf.stack(t, axis=-1)
         return (t - tf.constant(self.mean, tf.float32)) / tf.constant(self.std, tf.float32)
 
     def decode(self, anchors, deltas):
@@ -401,6 +416,8 @@ class BoxCoder:
         deltas = _to_boxes(deltas, "deltas")
         t = deltas * tf.constant(self.std, tf.float32) + tf.constant(self.mean, tf.float32)
         tx, ty, tw, th = tf.unstack(t, num=4, axis=-1)
+        if self.order == "yx":
+            tx, ty, tw, th = ty, tx, th, tw
         tw = tf.minimum(tw, self.scale_clip)
         th = tf.minimum(th, self.scale_clip)
         cx, cy = tx * aw + ax, ty * ah + ay
@@ -409,14 +426,20 @@ class BoxCoder:
 
     def get_config(self):
         """Constructor arguments as plain Python values."""
-        return {"mean": list(self.mean), "std": list(self.std), "scale_clip": self.scale_clip}
+        config = {"mean": list(self.mean), "std": list(self.std), "scale_clip": self.scale_clip}
+        if self.order != "xy":
+            config["order"] = self.order
+        return config
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
 
     def __repr__(self):
-        return f"BoxCoder(mean={self.mean}, std={self.std}, scale_clip={self.scale_clip:.6g})"
+        order = "" if self.order == "xy" else f", order={self.order!r}"
+        return (
+            f"BoxCoder(mean={self.mean}, std={self.std}, scale_clip={self.scale_clip:.6g}{order})"
+        )
 
 
 def _flat4(values, name):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import keras
 import tensorflow as tf
 
 from dlnotes.anchors import YoloAnchors
@@ -35,6 +36,7 @@ __all__ = [
     "NEGATIVE",
     "POSITIVE",
     "YOLO_ASSIGN_RULES",
+    "AnchorLabelEncoder",
     "Matches",
     "assign_yolo_targets",
     "gather_matched",
@@ -476,3 +478,88 @@ def assign_yolo_targets(gt_boxes, gt_labels, anchors, image_shape, num_classes, 
             tf.reshape(level_true, [batch, grid_h, grid_w, mask.shape[0], 5 + num_classes])
         )
     return y_true
+
+
+@keras.saving.register_keras_serializable(package="dlnotes")
+class AnchorLabelEncoder:
+    """Dense training targets of an anchor-based one-stage detector (RetinaNet, EfficientDet)
+    from padded ground truth, inside the training graph.
+
+    GT boxes are clipped to the image first (a box partly outside is matched on its visible part;
+    one fully outside, of zero size or with label -1 is no GT), then :func:`match_anchors` gives
+    every anchor a state and a GT, and the positives get one-hot class targets and the box deltas
+    of ``box_coder``:
+
+    * RetinaNet: ``positive_threshold=0.5, negative_threshold=0.4`` (IoU in between ignored),
+      each GT's best anchor forced;
+    * EfficientDet (automl's ``ArgMaxMatcher(0.5, 0.5, force_match_for_each_row=True)``):
+      ``0.5, 0.5`` — foreground / background only, no ignore band.
+
+    Args:
+        positive_threshold, negative_threshold, force_best: of :func:`match_anchors`.
+    """
+
+    def __init__(self, positive_threshold=0.5, negative_threshold=0.4, force_best="global"):
+        if force_best not in FORCE_BEST_MODES:
+            raise ValueError(f"force_best must be one of {FORCE_BEST_MODES}, got {force_best!r}.")
+        self.positive_threshold = float(positive_threshold)
+        self.negative_threshold = float(negative_threshold)
+        if not 0.0 <= self.negative_threshold <= self.positive_threshold <= 1.0:
+            raise ValueError(
+                "need 0 <= negative_threshold <= positive_threshold <= 1, got "
+                f"{negative_threshold!r} and {positive_threshold!r}."
+            )
+        self.force_best = force_best
+
+    def __call__(self, anchors, boxes, labels, num_classes, box_coder, image_size, level_sizes):
+        """Targets for padded GT.
+
+        Args:
+            anchors: ``(N, 4)`` xyxy anchors; ``level_sizes``: anchors per level (for
+                ``force_best="per_level"``).
+            boxes: ``(B, M, 4)`` xyxy GT boxes padded with -1; labels ``(B, M)`` int32 (checked
+                by the model), padding -1.
+            num_classes: ``C``; box_coder: a :class:`~dlnotes.boxes.BoxCoder`; image_size:
+                ``(height, width)`` to clip the GT boxes to.
+
+        Returns:
+            dict of ``states`` ``(B, N)`` int32 {-1, 0, 1}, ``class_targets`` ``(B, N, C)``
+            one-hot (zero rows for negatives and ignored anchors), ``box_targets`` ``(B, N, 4)``
+            encoded deltas (zero except on positives) and ``matched_iou`` ``(B, N)``.
+        """
+        boxes = clip_boxes(tf.cast(boxes, tf.float32), image_size)
+        matches = match_anchors(
+            anchors, boxes, labels,
+            positive_threshold=self.positive_threshold,
+            negative_threshold=self.negative_threshold,
+            force_best=self.force_best,
+            level_sizes=level_sizes if self.force_best == "per_level" else None,
+        )  # fmt: skip
+        positive = tf.equal(matches.states, POSITIVE)
+        matched_labels = gather_matched(labels, matches.matched_gt)
+        class_targets = tf.one_hot(tf.where(positive, matched_labels, -1), num_classes)
+        box_targets = box_coder.encode(anchors, gather_matched(boxes, matches.matched_gt))
+        return {
+            "states": matches.states,
+            "class_targets": class_targets,
+            "box_targets": tf.where(positive[..., None], box_targets, 0.0),
+            "matched_iou": matches.matched_iou,
+        }
+
+    def get_config(self):
+        """Constructor arguments as plain Python values."""
+        return {
+            "positive_threshold": self.positive_threshold,
+            "negative_threshold": self.negative_threshold,
+            "force_best": self.force_best,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        return (
+            f"AnchorLabelEncoder(positive_threshold={self.positive_threshold}, "
+            f"negative_threshold={self.negative_threshold}, force_best={self.force_best!r})"
+        )

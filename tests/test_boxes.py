@@ -383,6 +383,22 @@ def test_box_coder_config_round_trip_and_errors():
         B.BoxCoder.from_weights((10, 10, -5, 5))
 
 
+def test_box_coder_yx_order_is_automls_permutation():
+    anchors = np.array([[10.0, 20.0, 50.0, 40.0], [0.0, 0.0, 16.0, 64.0]], np.float32)
+    boxes = np.array([[12.0, 18.0, 60.0, 44.0], [4.0, 2.0, 10.0, 50.0]], np.float32)
+    std = (0.1, 0.2, 0.3, 0.4)
+    xy = B.BoxCoder(std=std).encode(anchors, boxes).numpy() * std  # (tx, ty, tw, th)
+    yx_coder = B.BoxCoder(std=std, order="yx")
+    yx = yx_coder.encode(anchors, boxes).numpy() * std  # std applies in (ty, tx, th, tw) order
+    np.testing.assert_allclose(yx, xy[:, [1, 0, 3, 2]], rtol=1e-6)
+    np.testing.assert_allclose(yx_coder.decode(anchors, yx / std), boxes, atol=1e-4)
+    assert yx_coder.get_config()["order"] == "yx" and "order" not in B.BoxCoder().get_config()
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(yx_coder))
+    assert restored.order == "yx"
+    with pytest.raises(ValueError, match="order"):
+        B.BoxCoder(order="yxyx")
+
+
 # ----------------------------------------------------------------------------- YOLO offsets
 YOLO_WH = np.array([[10.0, 13.0], [16.0, 30.0], [33.0, 23.0]])
 LOG_1000 = math.log(1000.0)

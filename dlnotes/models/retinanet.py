@@ -36,15 +36,18 @@ import tensorflow as tf
 from keras import ops
 
 from dlnotes.anchors import AnchorGenerator
-from dlnotes.backbones import build_backbone, preprocess_for
-from dlnotes.boxes import BoxCoder, clip_boxes
-from dlnotes.losses import global_normalizer, sigmoid_focal_loss, smooth_l1
-from dlnotes.matching import POSITIVE, gather_matched, match_anchors
+from dlnotes.backbones import ImagePreprocessing, build_backbone, preprocess_for
+from dlnotes.boxes import IOU_KINDS, BoxCoder
+from dlnotes.losses import global_normalizer, huber, iou_loss, sigmoid_focal_loss, smooth_l1
+from dlnotes.matching import POSITIVE, AnchorLabelEncoder
 from dlnotes.models.detector import Detector
 from dlnotes.necks import build_neck
 from dlnotes.postprocess import decode_detections
 
-__all__ = ["PRESETS", "RetinaNet", "RetinaNetHead", "flatten_levels", "prior_bias"]
+__all__ = ["BOX_LOSSES", "PRESETS", "RetinaNet", "RetinaNetHead", "flatten_levels", "prior_bias"]
+
+#: Box regression losses of :class:`RetinaNet` (``box_loss=``).
+BOX_LOSSES = ("smooth_l1", "huber")
 
 
 def prior_bias(prior_probability):
@@ -161,6 +164,13 @@ PRESETS = {
 }  # fmt: skip
 
 
+def _part(value):
+    """A part given as a serialised config (from ``get_config``) -> the object."""
+    if isinstance(value, dict) and "class_name" in value:
+        return keras.saving.deserialize_keras_object(value)
+    return value
+
+
 @keras.saving.register_keras_serializable(package="dlnotes")
 class RetinaNet(Detector):
     """RetinaNet detector: images ``(B, H, W, 3)`` RGB in [0, 255] -> class logits and box deltas.
@@ -174,26 +184,47 @@ class RetinaNet(Detector):
     takes no ``loss`` or ``metrics`` (the detection loss is built in; mAP comes from
     :mod:`dlnotes.evaluation`). ``sample_weight`` / ``class_weight`` are not supported.
 
+    **Parts.** The model is a backbone, a neck, a class head and a box head, an anchor
+    generator, a box coder and a label encoder (the target assigner). Each can be given as an
+    object — a Keras model / layer, an :class:`~dlnotes.anchors.AnchorGenerator`, a
+    :class:`~dlnotes.boxes.BoxCoder`, an :class:`~dlnotes.matching.AnchorLabelEncoder` — which
+    ``get_config`` serialises; the flat arguments below build the default parts and stay in the
+    config when they did. EfficientDet (:mod:`dlnotes.models.efficientdet`) is this model with
+    other parts.
+
     Args:
         num_classes: number of object classes (no background class: sigmoid per class).
         image_size: static input ``(height, width)``; anchors are fixed for it.
-        backbone: a name of :data:`dlnotes.backbones.BACKBONES`; ``backbone_kwargs`` its knobs.
-        backbone_weights: None, ``"imagenet"`` (ResNet-50/101/152; downloads) or a weights file.
-            Only used at construction: a saved model restores its own weights.
-        neck: a name of :data:`dlnotes.necks.NECKS` with levels P3-P7, or ``neck_kwargs`` for its
-            options (e.g. ``{"extra_from": "p5"}``); ``num_channels`` is its width and the
-            subnets' width.
-        head_depth: 3x3 convs per subnet before the output conv (4 in the paper).
-        anchor_sizes, anchor_strides, anchor_ratios, anchor_scales: the
-            :class:`~dlnotes.anchors.AnchorGenerator` (keras-retinanet defaults).
-        prior_probability: pi of the class-output bias; None for a zero bias.
-        positive_threshold, negative_threshold, force_best: :func:`~dlnotes.matching.match_anchors`.
-        box_std: the box coder's std (0.2, the notes' COCO normalisation).
-        focal_alpha, focal_gamma, smooth_l1_beta, box_loss_weight: the loss.
+        backbone: a name of :data:`dlnotes.backbones.BACKBONES` (``backbone_kwargs`` its knobs),
+            or a backbone model returning ``[C3, C4, C5]`` (then give ``preprocessing``).
+        backbone_weights: None, ``"imagenet"`` (downloads) or a weights file, for a backbone
+            name. Only used at construction: a saved model restores its own weights.
+        preprocessing: an :class:`~dlnotes.backbones.ImagePreprocessing` mode; default the
+            backbone's (:func:`~dlnotes.backbones.preprocess_for`).
+        neck: a name of :data:`dlnotes.necks.NECKS` with levels P3-P7 (``neck_kwargs`` for its
+            options, e.g. ``{"extra_from": "p5"}``) or a neck layer; ``num_channels`` is the
+            named neck's width and the default subnets' width.
+        class_head, box_head: layers mapping the list of levels to per-level
+            ``(B, H_l, W_l, A, C)`` / ``(B, H_l, W_l, A, 4)`` outputs; default
+            :class:`RetinaNetHead` with ``head_depth`` 3x3 convs (4 in the paper).
+        anchor_generator: default :class:`~dlnotes.anchors.AnchorGenerator` of ``anchor_sizes``,
+            ``anchor_strides``, ``anchor_ratios``, ``anchor_scales`` (keras-retinanet's).
+        box_coder: default :class:`~dlnotes.boxes.BoxCoder` with std ``box_std`` (0.2, the
+            notes' COCO normalisation).
+        label_encoder: default :class:`~dlnotes.matching.AnchorLabelEncoder` of
+            ``positive_threshold``, ``negative_threshold``, ``force_best``.
+        prior_probability: pi of the default class head's output bias; None for a zero bias.
+        focal_alpha, focal_gamma: the sigmoid focal loss.
+        box_loss: ``"smooth_l1"`` (``smooth_l1_beta``, the paper's) or ``"huber"`` (``huber_delta``,
+            automl's EfficientDet loss, which divides by 4 x positives: the mean over coordinates),
+            summed over positive anchors, divided by the global number of positives.
+        box_loss_weight: weight of the box loss in the total.
+        iou_loss, iou_loss_weight: an optional extra box loss on decoded boxes, ``"giou"`` /
+            ``"diou"`` / ``"ciou"`` (:func:`~dlnotes.losses.iou_loss`) over positives, logged as
+            ``iou_loss``.
         score_threshold, iou_threshold, max_detections: post-processing (per-class NMS).
         pre_nms_top_k: anchors kept per pyramid level, by their best class score, before NMS
             (the paper's 1000); None keeps all.
-        neck_kwargs: extra keyword arguments of the neck constructor.
     """
 
     presets = PRESETS
@@ -226,35 +257,66 @@ class RetinaNet(Detector):
         max_detections=300,
         pre_nms_top_k=1000,
         neck_kwargs=None,
+        preprocessing=None,
+        class_head=None,
+        box_head=None,
+        anchor_generator=None,
+        box_coder=None,
+        label_encoder=None,
+        box_loss="smooth_l1",
+        huber_delta=0.1,
+        iou_loss=None,
+        iou_loss_weight=1.0,
         **kwargs,
     ):
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}.")
+        if iou_loss not in (None, *IOU_KINDS):
+            raise ValueError(f"iou_loss must be None or one of {IOU_KINDS}, got {iou_loss!r}.")
+        terms = ("class_loss", "box_loss") + (("iou_loss",) if iou_loss else ())
         super().__init__(
             num_classes,
-            loss_terms=("class_loss", "box_loss"),
-            term_weights={"box_loss": float(box_loss_weight)},
+            loss_terms=terms,
+            term_weights={"box_loss": float(box_loss_weight), "iou_loss": float(iou_loss_weight)},
             **kwargs,
         )
         self.image_size = tuple(int(v) for v in image_size)
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise ValueError(f"image_size must be (height, width), got {image_size!r}.")
-        self.backbone_name = backbone
+        # Parts given as objects are serialised by get_config; the others by their arguments.
+        self._given_parts = {}
+        parts = {
+            "backbone": backbone, "neck": neck, "class_head": class_head, "box_head": box_head,
+            "anchor_generator": anchor_generator, "box_coder": box_coder,
+            "label_encoder": label_encoder,
+        }  # fmt: skip
+        for name, value in parts.items():
+            value = _part(value)
+            parts[name] = value
+            if value is not None and not isinstance(value, str):
+                self._given_parts[name] = value
+        self.backbone_name = parts["backbone"] if isinstance(parts["backbone"], str) else None
         self.backbone_kwargs = dict(backbone_kwargs or {})
-        self.neck_name = neck
+        self.neck_name = parts["neck"] if isinstance(parts["neck"], str) else None
         self.neck_kwargs = dict(neck_kwargs or {})
         self.num_channels = int(num_channels)
         self.head_depth = int(head_depth)
-        self.anchor_generator = AnchorGenerator(
+        self.anchor_generator = parts["anchor_generator"] or AnchorGenerator(
             anchor_sizes, anchor_strides, anchor_ratios, anchor_scales
         )
         self.prior_probability = prior_probability
-        self.positive_threshold = float(positive_threshold)
-        self.negative_threshold = float(negative_threshold)
-        self.force_best = force_best
-        self.box_coder = BoxCoder(std=box_std)
+        self.label_encoder = parts["label_encoder"] or AnchorLabelEncoder(
+            positive_threshold, negative_threshold, force_best
+        )
+        self.box_coder = parts["box_coder"] or BoxCoder(std=box_std)
         self.focal_alpha = focal_alpha
         self.focal_gamma = float(focal_gamma)
+        self.box_loss = box_loss
         self.smooth_l1_beta = float(smooth_l1_beta)
+        self.huber_delta = float(huber_delta)
         self.box_loss_weight = float(box_loss_weight)
+        self.iou_loss = iou_loss
+        self.iou_loss_weight = float(iou_loss_weight)
         self.score_threshold = float(score_threshold)
         self.iou_threshold = float(iou_threshold)
         self.max_detections = int(max_detections)
@@ -264,23 +326,43 @@ class RetinaNet(Detector):
             )
         self.pre_nms_top_k = None if pre_nms_top_k is None else int(pre_nms_top_k)
 
-        self.preprocessing = preprocess_for(backbone, backbone_weights)
-        self.backbone = build_backbone(
-            backbone, (*self.image_size, 3), weights=backbone_weights, **self.backbone_kwargs
-        )
-        self.neck = build_neck(neck, num_channels=self.num_channels, **self.neck_kwargs)
+        if self.backbone_name is not None:
+            self.preprocessing = (
+                preprocess_for(self.backbone_name, backbone_weights)
+                if preprocessing is None
+                else ImagePreprocessing(preprocessing, name=f"{self.backbone_name}_preprocessing")
+            )
+            self.backbone = build_backbone(
+                self.backbone_name, (*self.image_size, 3), weights=backbone_weights,
+                **self.backbone_kwargs,
+            )  # fmt: skip
+        else:
+            if preprocessing is None:
+                raise ValueError(
+                    "RetinaNet: a backbone given as a model needs preprocessing= (an "
+                    f"ImagePreprocessing mode, one of {ImagePreprocessing.MODES})."
+                )
+            self.preprocessing = ImagePreprocessing(preprocessing, name="preprocessing")
+            self.backbone = parts["backbone"]
+        self._preprocessing_mode = preprocessing
+        if self.neck_name is not None:
+            self.neck = build_neck(
+                self.neck_name, num_channels=self.num_channels, **self.neck_kwargs
+            )
+        else:
+            self.neck = parts["neck"]
         strides = tuple(2**level for level in self.neck.levels)
         if strides != tuple(self.anchor_generator.strides):
             raise ValueError(
-                f"neck {neck!r} gives levels of strides {strides}, but the anchors have strides "
-                f"{tuple(self.anchor_generator.strides)}."
+                f"neck {self.neck_name or type(self.neck).__name__!r} gives levels of strides "
+                f"{strides}, but the anchors have strides {tuple(self.anchor_generator.strides)}."
             )
         num_anchors = self.anchor_generator.num_anchors_per_location
-        self.class_head = RetinaNetHead(
+        self.class_head = parts["class_head"] or RetinaNetHead(
             num_anchors, self.num_classes, self.num_channels, self.head_depth,
             prior_probability=prior_probability, name="class_subnet",
         )  # fmt: skip
-        self.box_head = RetinaNetHead(
+        self.box_head = parts["box_head"] or RetinaNetHead(
             num_anchors, 4, self.num_channels, self.head_depth, name="box_subnet"
         )
         #: ``(N, 4)`` float32 xyxy anchors of ``image_size``, in the order of the outputs.
@@ -288,21 +370,39 @@ class RetinaNet(Detector):
         #: Anchors per pyramid level (P3 first), Python ints summing to ``N``.
         self.level_sizes = self.anchor_generator.level_sizes(self.image_size)
         self.build((None, *self.image_size, 3))
+        self._check_head_outputs(num_anchors)
 
     # ------------------------------------------------------------------ construction
+
+    def _check_head_outputs(self, num_anchors):
+        """The heads must give ``A`` anchors of ``C`` classes / 4 deltas per cell."""
+        levels = self.neck.compute_output_spec(
+            self.backbone.compute_output_spec(keras.KerasTensor((1, *self.image_size, 3)))
+        )
+        for head, k in ((self.class_head, self.num_classes), (self.box_head, 4)):
+            shapes = [tuple(o.shape[-2:]) for o in head.compute_output_spec(levels)]
+            if any(shape != (num_anchors, k) for shape in shapes):
+                raise ValueError(
+                    f"RetinaNet: head {head.name!r} gives per-cell outputs {shapes}, expected "
+                    f"{(num_anchors, k)} (anchors per location, outputs) on every level."
+                )
 
     def build(self, input_shape):
         images = keras.KerasTensor(tuple(input_shape))
         features = self.backbone.compute_output_spec(images)
-        self.neck.build([f.shape for f in features])
+        # A part deserialised from a saved config arrives built already.
+        if not self.neck.built:
+            self.neck.build([f.shape for f in features])
         levels = self.neck.compute_output_spec(features)
-        self.class_head.build([level.shape for level in levels])
-        self.box_head.build([level.shape for level in levels])
+        for head in (self.class_head, self.box_head):
+            if not head.built:
+                head.build([level.shape for level in levels])
         self.built = True
 
     def get_config(self):
         generator = self.anchor_generator
-        return {
+        encoder = self.label_encoder
+        config = {
             "name": self.name,
             "trainable": self.trainable,
             "num_classes": self.num_classes,
@@ -318,9 +418,9 @@ class RetinaNet(Detector):
             "anchor_ratios": list(generator.ratios),
             "anchor_scales": list(generator.scales),
             "prior_probability": self.prior_probability,
-            "positive_threshold": self.positive_threshold,
-            "negative_threshold": self.negative_threshold,
-            "force_best": self.force_best,
+            "positive_threshold": encoder.positive_threshold,
+            "negative_threshold": encoder.negative_threshold,
+            "force_best": encoder.force_best,
             "box_std": list(self.box_coder.std),
             "focal_alpha": self.focal_alpha,
             "focal_gamma": self.focal_gamma,
@@ -332,6 +432,19 @@ class RetinaNet(Detector):
             "pre_nms_top_k": self.pre_nms_top_k,
             "neck_kwargs": self.neck_kwargs,
         }
+        # Arguments beyond the paper's model: in the config only when they differ from it, so
+        # that the configuration of a plain RetinaNet reads as it always has.
+        extras = {
+            "preprocessing": (self._preprocessing_mode, None),
+            "box_loss": (self.box_loss, "smooth_l1"),
+            "huber_delta": (self.huber_delta, 0.1),
+            "iou_loss": (self.iou_loss, None),
+            "iou_loss_weight": (self.iou_loss_weight, 1.0),
+        }
+        config.update({k: v for k, (v, default) in extras.items() if v != default})
+        for name, part in self._given_parts.items():
+            config[name] = keras.saving.serialize_keras_object(part)
+        return config
 
     @classmethod
     def from_config(cls, config):
@@ -358,7 +471,8 @@ class RetinaNet(Detector):
     # ------------------------------------------------------------------ training
 
     def compute_targets(self, boxes, labels):
-        """Anchor states and regression / class targets for padded GT, inside the graph.
+        """Anchor states and regression / class targets for padded GT, inside the graph, by the
+        model's :attr:`label_encoder` (:class:`~dlnotes.matching.AnchorLabelEncoder`).
 
         GT boxes are clipped to the image first: a box partly outside is matched on its visible
         part, a box fully outside (or of zero size, or with label -1) is no GT at all. Labels
@@ -375,25 +489,10 @@ class RetinaNet(Detector):
             one-hot (zero rows for negatives and ignored anchors), ``box_targets`` ``(B, N, 4)``
             normalised deltas (zero except on positives) and ``matched_iou`` ``(B, N)``.
         """
-        boxes = clip_boxes(tf.cast(boxes, tf.float32), self.image_size)
-        labels = self.checked_labels(labels)
-        matches = match_anchors(
-            self.anchors, boxes, labels,
-            positive_threshold=self.positive_threshold,
-            negative_threshold=self.negative_threshold,
-            force_best=self.force_best,
-            level_sizes=self.level_sizes if self.force_best == "per_level" else None,
+        return self.label_encoder(
+            self.anchors, boxes, self.checked_labels(labels), self.num_classes, self.box_coder,
+            self.image_size, self.level_sizes,
         )  # fmt: skip
-        positive = tf.equal(matches.states, POSITIVE)
-        matched_labels = gather_matched(labels, matches.matched_gt)
-        class_targets = tf.one_hot(tf.where(positive, matched_labels, -1), self.num_classes)
-        box_targets = self.box_coder.encode(self.anchors, gather_matched(boxes, matches.matched_gt))
-        return {
-            "states": matches.states,
-            "class_targets": class_targets,
-            "box_targets": tf.where(positive[..., None], box_targets, 0.0),
-            "matched_iou": matches.matched_iou,
-        }
 
     def detection_losses(self, y, y_pred):
         """``(class_loss, box_loss)``: summed focal / smooth-L1 losses over the replica's batch,
@@ -421,15 +520,38 @@ class RetinaNet(Detector):
         )  # fmt: skip
         class_sum = tf.reduce_sum(tf.reduce_sum(focal, axis=-1) * counted)
         box_sum = tf.reduce_sum(
-            tf.reduce_sum(smooth_l1(targets["box_targets"], box_deltas, self.smooth_l1_beta), -1)
+            tf.reduce_sum(self.box_regression_loss(targets["box_targets"], box_deltas), -1)
             * positive
         )
         normalizer = global_normalizer(tf.reduce_sum(positive))
         return class_sum / normalizer, box_sum / normalizer
 
+    def box_regression_loss(self, box_targets, box_deltas):
+        """Elementwise loss of the deltas: smooth-L1 (the paper) or Huber / 4 (automl's
+        EfficientDet, whose box loss is divided by 4 x positives)."""
+        if self.box_loss == "huber":
+            return huber(box_targets, box_deltas, self.huber_delta) / 4.0
+        return smooth_l1(box_targets, box_deltas, self.smooth_l1_beta)
+
+    def box_iou_loss(self, y, y_pred):
+        """``iou_loss`` term: the IoU loss of the decoded boxes of the positive anchors against
+        their GT boxes, summed and divided by the global number of positives."""
+        targets = self.compute_targets(y["boxes"], y["labels"])
+        positive = tf.cast(tf.equal(targets["states"], POSITIVE), tf.float32)
+        deltas = tf.cast(y_pred["box_deltas"], tf.float32)
+        boxes = self.box_coder.decode(self.anchors, deltas)
+        # Decoding the targets gives each positive anchor its (clipped) GT box back.
+        gt = self.box_coder.decode(self.anchors, targets["box_targets"])
+        losses = iou_loss(tf.stop_gradient(gt), boxes, kind=self.iou_loss)
+        losses = tf.where(positive > 0, losses, 0.0)
+        return tf.reduce_sum(losses) / global_normalizer(tf.reduce_sum(positive))
+
     def loss_terms(self, y, y_pred):
         class_loss, box_loss = self.detection_losses(y, y_pred)
-        return {"class_loss": class_loss, "box_loss": box_loss}
+        terms = {"class_loss": class_loss, "box_loss": box_loss}
+        if self.iou_loss:
+            terms["iou_loss"] = self.box_iou_loss(y, y_pred)
+        return terms
 
     # ------------------------------------------------------------------ inference
 

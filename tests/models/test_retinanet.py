@@ -731,3 +731,77 @@ def test_presets_build_with_their_documented_settings():
     tiny = RetinaNet.from_preset("retinanet_tiny_256", num_classes=2)
     assert tiny.image_size == (256, 256) and tiny.anchors.shape == (12_276, 4)
     assert tiny.get_config()["neck"] == "fpn_bn"
+
+
+# ----------------------------------------------------------------------------- parts as objects
+def test_parts_given_as_objects_serialise_and_compute_the_same_model(tmp_path):
+    from dlnotes.anchors import AnchorGenerator
+    from dlnotes.backbones import build_backbone
+    from dlnotes.boxes import BoxCoder
+    from dlnotes.matching import AnchorLabelEncoder
+    from dlnotes.necks import FPN
+
+    flat = _tiny(**SLIM)
+    parts = dict(
+        backbone=build_backbone("resnet_tiny", (*SIZE, 3)),
+        preprocessing="torch",
+        neck=FPN.notes_variant(num_channels=16, max_level=5),
+        class_head=RetinaNetHead(9, NUM_CLASSES, 16, 1, prior_probability=0.01, name="cls"),
+        box_head=RetinaNetHead(9, 4, 16, 1, name="box"),
+        anchor_generator=AnchorGenerator((16, 32, 64), (8, 16, 32)),
+        box_coder=BoxCoder(std=(0.2,) * 4),
+        label_encoder=AnchorLabelEncoder(0.5, 0.4, "global"),
+    )
+    composed = RetinaNet(num_classes=NUM_CLASSES, image_size=SIZE, **parts)
+    assert composed.count_params() == flat.count_params()
+    composed.set_weights(flat.get_weights())
+    x, y = _train_data()
+    for key, value in flat(x).items():
+        np.testing.assert_allclose(composed(x)[key], value, atol=1e-5)
+    for key, value in flat.loss_terms(y, flat(x)).items():
+        assert float(composed.loss_terms(y, composed(x))[key]) == pytest.approx(float(value))
+    config = composed.get_config()
+    assert config["backbone"]["class_name"] == "Functional" and config["neck"]["class_name"]
+    assert config["label_encoder"]["config"] == parts["label_encoder"].get_config()
+    path = str(tmp_path / "composed.keras")
+    composed.save(path)
+    loaded = keras.saving.load_model(path)
+    for key, value in composed(x).items():
+        np.testing.assert_array_equal(loaded(x)[key], value)
+    with pytest.raises(ValueError, match="preprocessing="):
+        RetinaNet(num_classes=3, image_size=SIZE, backbone=build_backbone("resnet_tiny"))
+    with pytest.raises(ValueError, match="per-cell outputs"):  # 3 classes for a 5-class model
+        RetinaNet(
+            num_classes=5, image_size=SIZE, backbone="resnet_tiny", neck="fpn_bn",
+            num_channels=16, anchor_sizes=(16, 32, 64), anchor_strides=(8, 16, 32),
+            neck_kwargs={"max_level": 5}, class_head=RetinaNetHead(9, 3, 16, 1),
+        )  # fmt: skip
+
+
+def test_huber_box_loss_and_iou_loss_against_numpy():
+    m = _tiny(**SLIM, box_loss="huber", huber_delta=0.1, box_loss_weight=50.0, iou_loss="giou")
+    assert m.get_config()["box_loss"] == "huber" and m.get_config()["iou_loss"] == "giou"
+    assert "box_loss" not in _tiny(**SLIM).get_config()  # a plain RetinaNet's config as before
+    x, y = _train_data()
+    out = m(x)
+    terms = {k: float(v) for k, v in m.loss_terms(y, out).items()}
+    targets = {k: v.numpy() for k, v in m.compute_targets(y["boxes"], y["labels"]).items()}
+    positive = targets["states"] == 1
+    n = max(1, positive.sum())
+    d = np.abs(out["box_deltas"].numpy().astype(np.float64) - targets["box_targets"])
+    huber64 = np.where(d <= 0.1, 0.5 * d**2, 0.1 * (d - 0.05))
+    # automl: Huber summed over the positives' 4 coordinates, divided by 4 x positives
+    assert terms["box_loss"] == pytest.approx(huber64[positive].sum() / (4 * n), rel=1e-5)
+    from _reference import np_iou_pair
+
+    boxes = m.box_coder.decode(m.anchors, out["box_deltas"]).numpy()
+    gt = m.box_coder.decode(m.anchors, targets["box_targets"]).numpy()
+    giou = [np_iou_pair(g, p, "giou") for g, p in zip(gt[positive], boxes[positive], strict=True)]
+    assert terms["iou_loss"] == pytest.approx(np.sum(1 - np.array(giou)) / n, rel=1e-4)
+    total = m.compute_loss(x, y, out)
+    expected = terms["class_loss"] + 50 * terms["box_loss"] + terms["iou_loss"]
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="box_loss must be one of"):
+        _tiny(box_loss="l2")
+    with pytest.raises(ValueError, match="iou_loss must be None or one of"):
+        _tiny(iou_loss="eiou")
