@@ -1,5 +1,6 @@
 """Tests of dlnotes.matching: anchor states, forced matches, border rule, balanced sampling."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -659,3 +660,47 @@ def test_assign_yolo_errors():
         assign_yolo_targets(gt, np.zeros((1, 2), np.int32), COCO, (416, 416), 3)
     with pytest.raises(tf.errors.InvalidArgumentError, match="num_classes=3"):
         assign_yolo_targets([[[0, 0, 10, 10]]], [[3]], COCO, (416, 416), 3)
+
+
+# ----------------------------------------------------------------------------- label encoder
+def test_anchor_label_encoder_targets_and_config():
+    from dlnotes.anchors import AnchorGenerator
+    from dlnotes.boxes import BoxCoder
+    from dlnotes.matching import AnchorLabelEncoder
+
+    generator = AnchorGenerator((16, 32), (8, 16))
+    anchors = generator((64, 64))
+    level_sizes = generator.level_sizes((64, 64))
+    boxes = np.array([[[8, 8, 40, 40], [30, 20, 70, 50], [-1, -1, -1, -1]]], F)  # 2nd crosses
+    labels = np.array([[2, 0, -1]], np.int32)
+    coder = BoxCoder(std=(0.2,) * 4)
+    retina = AnchorLabelEncoder(0.5, 0.4)
+    out = {
+        k: v.numpy()
+        for k, v in retina(anchors, boxes, labels, 3, coder, (64, 64), level_sizes).items()
+    }
+    clipped = np.minimum(boxes, 64.0)  # the second box is matched on its visible part
+    states, matched, _ = _match(anchors, clipped, labels, 0.5, 0.4)
+    np.testing.assert_array_equal(out["states"], states)
+    positive = states == 1
+    np.testing.assert_array_equal(
+        out["class_targets"][positive].argmax(-1), labels[0][matched[positive]]
+    )
+    assert (out["class_targets"][~positive] == 0).all() and (
+        out["box_targets"][~positive] == 0
+    ).all()
+    expected = coder.encode(anchors, clipped[0][matched[0]]).numpy()[positive[0]]
+    np.testing.assert_allclose(out["box_targets"][positive], expected, atol=1e-5)
+    # EfficientDet's fg / bg rule: no ignore band
+    fg_bg = AnchorLabelEncoder(0.5, 0.5)(anchors, boxes, labels, 3, coder, (64, 64), level_sizes)
+    assert set(np.unique(fg_bg["states"].numpy())) <= {0, 1}
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(retina))
+    assert (
+        clone.get_config()
+        == retina.get_config()
+        == {"positive_threshold": 0.5, "negative_threshold": 0.4, "force_best": "global"}
+    )
+    with pytest.raises(ValueError, match="negative_threshold <= positive_threshold"):
+        AnchorLabelEncoder(0.4, 0.5)
+    with pytest.raises(ValueError, match="force_best"):
+        AnchorLabelEncoder(force_best="always")
