@@ -17,13 +17,21 @@ Variants (:data:`NECKS`):
   (:meth:`FPN.notes_variant <dlnotes.necks.fpn.FPN.notes_variant>`);
 * ``"panet"``: FPN plus PANet's bottom-up path (:class:`~dlnotes.necks.fpn.PANet`);
 * ``"yolo_fpn"``: YOLOv3's concatenation FPN (:class:`~dlnotes.necks.fpn.YoloFPN`), three
-  levels (stride 8, 16, 32).
-
-A BiFPN (EfficientDet) fits the same interface and is registered here beside them.
+  levels (stride 8, 16, 32);
+* ``"bifpn"``: EfficientDet's weighted bidirectional FPN (:class:`~dlnotes.necks.bifpn.BiFPN`),
+  P3-P7; :data:`~dlnotes.necks.bifpn.EFFICIENTDET_SCALING` holds the D0-D7 constants.
 """
 
 from __future__ import annotations
 
+from dlnotes.necks.bifpn import (
+    EFFICIENTDET_SCALING,
+    FUSION_MODES,
+    BiFPN,
+    BiFPNNode,
+    ChannelProjection,
+    bifpn_graph,
+)
 from dlnotes.necks.fpn import (
     FPN,
     NeckConv,
@@ -34,11 +42,17 @@ from dlnotes.necks.fpn import (
 )
 
 __all__ = [
+    "EFFICIENTDET_SCALING",
     "FPN",
+    "FUSION_MODES",
+    "BiFPN",
+    "BiFPNNode",
+    "ChannelProjection",
     "NECKS",
     "NeckConv",
     "PANet",
     "YoloFPN",
+    "bifpn_graph",
     "build_neck",
     "match_spatial_size",
     "nearest_upsample_like",
@@ -50,6 +64,7 @@ NECKS = {
     "fpn_bn": FPN.notes_variant,
     "panet": PANet,
     "yolo_fpn": YoloFPN,
+    "bifpn": BiFPN,
 }
 
 

@@ -27,6 +27,7 @@ SMALL = {
     "fpn_bn": {"num_channels": 8},
     "panet": {"num_channels": 8},
     "yolo_fpn": {"filters": (16, 8, 4)},
+    "bifpn": {"num_channels": 8, "repeats": 1},
 }
 R50 = (512, 1024, 2048)
 DARKNET = (256, 512, 1024)
