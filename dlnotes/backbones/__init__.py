@@ -10,12 +10,20 @@ that maps RGB ``[0, 255]`` images to its input. :data:`BACKBONES` lists the name
 * :mod:`dlnotes.backbones.darknet` — Darknet-53, YOLOv3's body (conv-BN-leaky, residual
   1x1 + 3x3 blocks, ``initial_filters`` knob; :func:`build_darknet53`); darknet ``.cfg`` /
   ``.weights`` conversion is in :mod:`dlnotes.darknet_io`.
+* :mod:`dlnotes.backbones.efficientnet` — EfficientNet-B0...B7, layer for layer
+  keras.applications' (MBConv blocks with squeeze-excite, compound scaling, the input
+  normalisation inside the model), and a tiny CPU variant (:func:`build_efficientnet`).
 * :mod:`dlnotes.backbones.weights` — what every family shares: the conv initializer, loading
   ``.weights.h5`` files with clear errors, copying weights by layer name (keras.applications).
-* :mod:`dlnotes.backbones.preprocessing` — the input conventions (caffe, torch, unit).
+* :mod:`dlnotes.backbones.preprocessing` — the input conventions (caffe, torch, unit, none).
 """
 
 from dlnotes.backbones.darknet import DARKNET53_BLOCKS, DARKNET53_OUTPUT_LAYERS, build_darknet53
+from dlnotes.backbones.efficientnet import (
+    EFFICIENTNETS,
+    build_efficientnet,
+    copy_keras_applications_weights,
+)
 from dlnotes.backbones.preprocessing import ImagePreprocessing
 from dlnotes.backbones.registry import (
     BACKBONES,
@@ -32,13 +40,16 @@ __all__ = [
     "BACKBONES",
     "DARKNET53_BLOCKS",
     "DARKNET53_OUTPUT_LAYERS",
+    "EFFICIENTNETS",
     "IMAGENET_WEIGHTS",
     "RESNETS",
     "Backbone",
     "ImagePreprocessing",
     "build_backbone",
     "build_darknet53",
+    "build_efficientnet",
     "build_resnet",
+    "copy_keras_applications_weights",
     "copy_weights_by_name",
     "kernel_initializer",
     "load_weights_file",

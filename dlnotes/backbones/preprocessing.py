@@ -2,7 +2,8 @@
 
 Every detector of the book takes RGB float images with values in ``[0, 255]`` and puts the
 backbone's :class:`ImagePreprocessing` layer in front of it
-(:func:`dlnotes.backbones.preprocess_for` picks the mode by backbone name).
+(:func:`dlnotes.backbones.preprocess_for` picks the mode by backbone name; ``"none"`` for a
+backbone that normalises its input itself).
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ class ImagePreprocessing(layers.Layer):
     * ``"torch"``: ``x / 255``, minus mean (0.485, 0.456, 0.406), divided by std
       (0.229, 0.224, 0.225), in RGB order.
     * ``"unit"``: ``x / 255`` (darknet's input, RGB in ``[0, 1]``).
+    * ``"none"``: ``x`` unchanged but for the dtype (the EfficientNets normalise inside the model,
+      as keras.applications' do).
 
     Input ``(..., 3)`` of any real dtype; output the same shape in the layer's compute dtype.
     """
 
-    MODES = ("caffe", "torch", "unit")
+    MODES = ("caffe", "torch", "unit", "none")
 
     def __init__(self, mode: str = "caffe", **kwargs):
         super().__init__(**kwargs)
@@ -56,6 +59,8 @@ class ImagePreprocessing(layers.Layer):
             return x - ops.convert_to_tensor(_CAFFE_BGR_MEAN, dtype=self.compute_dtype)
         if self.mode == "unit":
             return x / 255.0
+        if self.mode == "none":
+            return x
         mean = ops.convert_to_tensor(_TORCH_RGB_MEAN, dtype=self.compute_dtype)
         std = ops.convert_to_tensor(_TORCH_RGB_STD, dtype=self.compute_dtype)
         return (x / 255.0 - mean) / std

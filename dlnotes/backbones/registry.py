@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import keras
 
-from dlnotes.backbones import darknet, resnet
+from dlnotes.backbones import darknet, efficientnet, resnet
 from dlnotes.backbones.preprocessing import ImagePreprocessing
 
 __all__ = [
@@ -77,7 +77,8 @@ def build_backbone(
 ) -> keras.Model:
     """Build backbone ``name`` of :data:`BACKBONES` (knobs as its family's builder takes them:
     :func:`~dlnotes.backbones.resnet.build_resnet`,
-    :func:`~dlnotes.backbones.darknet.build_darknet53`).
+    :func:`~dlnotes.backbones.darknet.build_darknet53`,
+    :func:`~dlnotes.backbones.efficientnet.build_efficientnet`).
 
     Returns a functional ``keras.Model`` from ``(B, H, W, C)`` images (as :func:`preprocess_for`
     makes them) to ``[C3, C4, C5]`` (strides 8, 16, 32).
@@ -94,7 +95,8 @@ def preprocess_for(name: str, weights: str | os.PathLike | None = None) -> Image
 
     Maps ``(B, H, W, 3)`` RGB in ``[0, 255]`` to the backbone's input: ``"caffe"`` for
     resnet50/101/152 (keras.applications), ``"torch"`` for the torchvision-layout ResNets,
-    ``"unit"`` (``x / 255``) for Darknet-53. ``weights`` is validated as by
+    ``"unit"`` (``x / 255``) for Darknet-53, ``"none"`` (identity) for the EfficientNets, which
+    normalise inside the model. ``weights`` is validated as by
     :func:`build_backbone` but does not change the mode, so that a checkpoint fine-tuned from
     pretrained weights keeps the convention it was trained with.
 
@@ -147,6 +149,20 @@ def _register_builtins():
             description="Darknet-53, YOLOv3's body (conv-BN-leaky, 5 stages of residual blocks)",
         ),
     )
+    for name in efficientnet.EFFICIENTNETS:
+        register_backbone(
+            name,
+            Backbone(
+                family="efficientnet",
+                build=lambda shape, weights, _name=name, **knobs: efficientnet.build_efficientnet(
+                    _name, shape, weights, **knobs
+                ),
+                preprocessing=lambda weights, _name=name: efficientnet.preprocessing_mode(
+                    _name, weights
+                ),
+                description=efficientnet.describe(name),
+            ),
+        )
 
 
 _register_builtins()
