@@ -16,11 +16,13 @@ from dlnotes.backbones import (
     register_backbone,
     registry,
 )
+from dlnotes.backbones.efficientnet import EFFICIENTNETS
 
 
 def test_registry_lists_every_family():
-    assert set(RESNETS) | {"darknet53"} == set(BACKBONES)
+    assert set(RESNETS) | set(EFFICIENTNETS) | {"darknet53"} == set(BACKBONES)
     assert {BACKBONES[name].family for name in RESNETS} == {"resnet"}
+    assert {BACKBONES[name].family for name in EFFICIENTNETS} == {"efficientnet"}
     assert BACKBONES["darknet53"].family == "darknet"
     assert all(entry.description for entry in BACKBONES.values())
 
