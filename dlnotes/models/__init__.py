@@ -4,10 +4,14 @@ and returns padded detections from ``predict``.
 * :class:`~dlnotes.models.detector.Detector` — the Keras contract they share (compile / fit /
   evaluate / predict, label checks, XLA);
 * :class:`~dlnotes.models.retinanet.RetinaNet` — ResNet + FPN + focal loss (chapter 3);
-* :class:`~dlnotes.models.yolov3.YOLOv3` — Darknet-53 + concat FPN + YOLO loss (chapter 4).
+* :class:`~dlnotes.models.yolov3.YOLOv3` — Darknet-53 + concat FPN + YOLO loss (chapter 4);
+* :class:`~dlnotes.models.efficientdet.EfficientDet` — EfficientNet + BiFPN + shared separable
+  heads, RetinaNet's family with other parts (chapter 5).
 """
 
 from dlnotes.models.detector import Detector
+from dlnotes.models.efficientdet import PRESETS as EFFICIENTDET_PRESETS
+from dlnotes.models.efficientdet import EfficientDet, EfficientDetHead
 from dlnotes.models.retinanet import PRESETS as RETINANET_PRESETS
 from dlnotes.models.retinanet import RetinaNet, RetinaNetHead, flatten_levels, prior_bias
 from dlnotes.models.yolov3 import PRESETS as YOLOV3_PRESETS
@@ -15,6 +19,9 @@ from dlnotes.models.yolov3 import YoloHead, YOLOv3
 
 __all__ = [
     "Detector",
+    "EFFICIENTDET_PRESETS",
+    "EfficientDet",
+    "EfficientDetHead",
     "RETINANET_PRESETS",
     "RetinaNet",
     "RetinaNetHead",
