@@ -40,6 +40,10 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["TF_USE_LEGACY_KERAS"] = "1"  # tf.keras = Keras 2 for the peer; `keras` stays Keras 3
+# --peer-path must be importable before TensorFlow is: tf.keras resolves to tf_keras only if it
+# can find it when TensorFlow is imported.
+if "--peer-path" in sys.argv[:-1]:
+    sys.path.insert(0, sys.argv[sys.argv.index("--peer-path") + 1])
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -50,9 +54,7 @@ from dlnotes.models import EfficientDet  # noqa: E402
 SIZE, CLASSES = 512, 90
 
 
-def import_peer(path):
-    if path:
-        sys.path.insert(0, path)
+def import_peer():
     try:
         from keras_cv_attention_models import coco, efficientdet, efficientnet
     except Exception as error:  # reported, then dlnotes is timed alone
@@ -175,11 +177,13 @@ def main():
     dl = EfficientDet.from_preset("efficientdet_d0", num_classes=CLASSES)
     dl.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9, global_clipnorm=10.0))
     dl.optimizer.build(dl.trainable_variables)
-    peer = import_peer(args.peer_path)
+    peer = import_peer()
     kc = None
     if peer is not None:
         kc = build_peer(peer)
-        loss = peer[0].FocalLossWithBbox(from_logits=False)  # kecam's outputs are sigmoids
+        from keras_cv_attention_models.coco.tf_losses import FocalLossWithBbox
+
+        loss = FocalLossWithBbox(from_logits=False)  # kecam's outputs are sigmoids
         kc.compile(optimizer=tf.keras.optimizers.SGD(1e-4, momentum=0.9, global_clipnorm=10.0),
                    loss=loss)  # fmt: skip
         start = time.perf_counter()
