@@ -49,6 +49,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from dlnotes.flops import count_macs, matmul_rate  # noqa: E402
 from dlnotes.models import EfficientDet  # noqa: E402
 
 SIZE, CLASSES = 512, 90
@@ -124,44 +125,6 @@ def timed(rows, repeats, warmups=2):
     return times
 
 
-def forward_macs(model, x):
-    """Multiply-adds of ``model(x, training=False)``: conv / depthwise / matmul float ops / 2."""
-    concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec(x.shape, tf.float32)
-    )
-    options = (
-        tf.compat.v1.profiler.ProfileOptionBuilder(
-            tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-        )
-        .with_empty_output()
-        .account_displayed_op_only(True)
-        .select(["float_ops"])
-        .with_node_names(show_name_regexes=[".*"])
-        .build()
-    )
-    options["account_type_regexes"] = ["Conv2D", "DepthwiseConv2dNative", "MatMul"]
-    profile = tf.compat.v1.profiler.profile(
-        graph=concrete.graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op", options=options
-    )
-    return profile.total_float_ops / 2
-
-
-def matmul_rate(sizes=(1024, 2048), repeats=5):
-    """Best measured float32 multiply-adds per second of square ``tf.matmul`` products."""
-    rates = []
-    for size in sizes:
-        a = tf.random.normal((size, size))
-        f = tf.function(lambda a: tf.matmul(a, a))
-        f(a).numpy()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            f(a).numpy()
-            times.append(time.perf_counter() - start)
-        rates.append(size**3 / statistics.median(times))
-    return max(rates)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -229,7 +192,7 @@ def main():
         print(f"\nkecam's anchor assignment in its data pipeline: {assign_ms:.0f} ms per image "
               "(not in its train step; dlnotes' is)")  # fmt: skip
 
-    macs = forward_macs(dl, x[:1])
+    macs = count_macs(dl, x[:1].shape)
     rate = matmul_rate()
     fwd = tf.function(lambda x: dl(x, training=False))
     one = timed({"1": lambda: np.asarray(fwd(x[:1])["class_logits"])}, args.repeats)["1"]

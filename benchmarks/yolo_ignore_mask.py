@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from dlnotes.boxes import clip_boxes, pairwise_iou, yolo_decode  # noqa: E402
+from dlnotes.flops import count_macs, matmul_rate  # noqa: E402
 from dlnotes.losses import yolo_ignore_mask, yolo_loss  # noqa: E402
 from dlnotes.models import YOLOv3  # noqa: E402
 
@@ -108,43 +109,6 @@ def timed(rows, repeats):
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def conv_macs(model, image_size):
-    """Multiply-adds of YOLOv3's convs for one square image, in darknet order.
-
-    A backbone conv works on the grid of its stride (2 to the number of stride-2 convs up to and
-    including it); the FPN and head convs after the 52 backbone convs come in groups of 8 per
-    output (5 block convs, the head's 3x3 and 1x1, the up conv, the last output without the up
-    conv), at strides 32, 16, 8.
-    """
-    total, stride = 0, 1
-    for index, (conv, _) in enumerate(model.darknet_units()):
-        kh, kw, cin, cout = conv.kernel.shape
-        if index < 52:
-            stride *= conv.strides[0]
-            grid_stride = stride
-        else:
-            grid_stride = (32, 16, 8)[(index - 52) // 8]
-        total += kh * kw * cin * cout * (image_size // grid_stride) ** 2
-    return total
-
-
-def matmul_rate(sizes=(1024, 2048, 4096), repeats=5):
-    """Measured float32 matmul rate (multiply-adds per second): the best over square products
-    of the given sizes (median time of each) in a ``tf.function``."""
-    rates = []
-    for size in sizes:
-        a = tf.random.normal((size, size))
-        f = tf.function(lambda a: tf.matmul(a, a))
-        f(a).numpy()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            f(a).numpy()
-            times.append(time.perf_counter() - start)
-        rates.append(size**3 / statistics.median(times))
-    return max(rates)
 
 
 def speed(args):
@@ -242,8 +206,8 @@ def speed(args):
         else:
             print(f"| {row} | {v * 1e3:.1f} | fails to compile ({xla_status['while_loop']}) | |")
 
-    rate = matmul_rate()
-    macs = conv_macs(model, size)
+    rate = matmul_rate(sizes=(1024, 2048, 4096))
+    macs = count_macs(model, (1, size, size, 3))  # the 75 convs
     forward = tf.function(lambda x: model(x, training=False))
     one = x[:1]
     fwd = timed({"1": lambda: forward(one)[0].numpy(), "B": lambda: forward(x)[0].numpy()},

@@ -13,6 +13,7 @@ One module per idea, each used by every model of the book:
 * :mod:`dlnotes.models` — the detectors (RetinaNet, YOLOv3)
 * :mod:`dlnotes.data` — the synthetic shapes data set, COCO JSON to ``tf.data``, transforms
 * :mod:`dlnotes.evaluation` — COCO mAP with pycocotools, and AP spelled out
+* :mod:`dlnotes.flops` — multiply-adds of a forward pass, and the machine's matmul rate
 * :mod:`dlnotes.saving` — saving / loading models without overwriting, with clear file errors
 * :mod:`dlnotes.checks` — argument checks and the in-graph input checks of the detectors
 * :mod:`dlnotes.viz` — matplotlib drawing of boxes, anchors, assignments, heatmaps, curves
@@ -25,6 +26,7 @@ from dlnotes import (
     darknet_io,
     data,
     evaluation,
+    flops,
     losses,
     matching,
     models,
@@ -44,6 +46,7 @@ __all__ = [
     "darknet_io",
     "data",
     "evaluation",
+    "flops",
     "losses",
     "matching",
     "models",
