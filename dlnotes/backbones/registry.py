@@ -1,8 +1,8 @@
 """The backbone registry: every feature extractor of the package under one name.
 
 A detector asks for a backbone by name and gets a functional ``keras.Model`` mapping images to
-``[C3, C4, C5]`` (output layers named ``"C{level}"``, stride ``2**level``) plus the
-preprocessing layer its weights expect::
+``[C3, C4, C5]`` (output layers named ``"C{level}"``, stride ``2**level``; ``vgg16``, the Faster
+R-CNN trunk, returns ``[C4]`` by default) plus the preprocessing layer its weights expect::
 
     backbone = build_backbone("darknet53", (416, 416, 3), initial_filters=8)
     preprocessing = preprocess_for("darknet53")          # RGB [0, 255] -> [0, 1]
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import keras
 
-from dlnotes.backbones import darknet, efficientnet, resnet
+from dlnotes.backbones import darknet, efficientnet, resnet, vgg
 from dlnotes.backbones.preprocessing import ImagePreprocessing
 
 __all__ = [
@@ -39,7 +39,8 @@ class Backbone:
 
     Attributes:
         family: the module that implements it (``"resnet"``, ``"darknet"``, ...).
-        build: ``build(input_shape, weights, **knobs) -> keras.Model`` returning ``[C3, C4, C5]``.
+        build: ``build(input_shape, weights, **knobs) -> keras.Model`` returning ``[C3, C4, C5]``
+            (or the levels its ``levels`` knob selects; ``[C4]`` for vgg16 by default).
         preprocessing: ``preprocessing(weights) -> mode`` of
             :class:`~dlnotes.backbones.preprocessing.ImagePreprocessing`; it validates
             ``weights`` the way ``build`` does (without building anything).
@@ -78,10 +79,12 @@ def build_backbone(
     """Build backbone ``name`` of :data:`BACKBONES` (knobs as its family's builder takes them:
     :func:`~dlnotes.backbones.resnet.build_resnet`,
     :func:`~dlnotes.backbones.darknet.build_darknet53`,
-    :func:`~dlnotes.backbones.efficientnet.build_efficientnet`).
+    :func:`~dlnotes.backbones.efficientnet.build_efficientnet`,
+    :func:`~dlnotes.backbones.vgg.build_vgg16`).
 
     Returns a functional ``keras.Model`` from ``(B, H, W, C)`` images (as :func:`preprocess_for`
-    makes them) to ``[C3, C4, C5]`` (strides 8, 16, 32).
+    makes them) to ``[C3, C4, C5]`` (strides 8, 16, 32); for ``vgg16`` to ``[C4]``
+    (``block5_conv3``, stride 16) unless its ``levels`` knob asks for others.
 
     Raises:
         ValueError: unknown name, or what the family's builder raises (knobs out of range, a
@@ -94,9 +97,9 @@ def preprocess_for(name: str, weights: str | os.PathLike | None = None) -> Image
     """The preprocessing layer a detector puts in front of backbone ``name``.
 
     Maps ``(B, H, W, 3)`` RGB in ``[0, 255]`` to the backbone's input: ``"caffe"`` for
-    resnet50/101/152 (keras.applications), ``"torch"`` for the torchvision-layout ResNets,
-    ``"unit"`` (``x / 255``) for Darknet-53, ``"none"`` (identity) for the EfficientNets, which
-    normalise inside the model. ``weights`` is validated as by
+    resnet50/101/152 and vgg16 (keras.applications), ``"torch"`` for the torchvision-layout
+    ResNets, ``"unit"`` (``x / 255``) for Darknet-53, ``"none"`` (identity) for the EfficientNets,
+    which normalise inside the model. ``weights`` is validated as by
     :func:`build_backbone` but does not change the mode, so that a checkpoint fine-tuned from
     pretrained weights keeps the convention it was trained with.
 
@@ -163,6 +166,15 @@ def _register_builtins():
                 description=efficientnet.describe(name),
             ),
         )
+    register_backbone(
+        "vgg16",
+        Backbone(
+            family="vgg",
+            build=lambda shape, weights, **knobs: vgg.build_vgg16(shape, weights, **knobs),
+            preprocessing=vgg.preprocessing_mode,
+            description=vgg.VGG16_DESCRIPTION,
+        ),
+    )
 
 
 _register_builtins()

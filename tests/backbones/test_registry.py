@@ -20,10 +20,11 @@ from dlnotes.backbones.efficientnet import EFFICIENTNETS
 
 
 def test_registry_lists_every_family():
-    assert set(RESNETS) | set(EFFICIENTNETS) | {"darknet53"} == set(BACKBONES)
+    assert set(RESNETS) | set(EFFICIENTNETS) | {"darknet53", "vgg16"} == set(BACKBONES)
     assert {BACKBONES[name].family for name in RESNETS} == {"resnet"}
     assert {BACKBONES[name].family for name in EFFICIENTNETS} == {"efficientnet"}
     assert BACKBONES["darknet53"].family == "darknet"
+    assert BACKBONES["vgg16"].family == "vgg"
     assert all(entry.description for entry in BACKBONES.values())
 
 
@@ -36,10 +37,19 @@ def test_darknet53_by_name_is_build_darknet53():
     assert [o.shape[-1] for o in by_name.outputs] == [32, 64, 128]
 
 
+def test_vgg16_by_name_is_the_stride_16_trunk():
+    trunk = build_backbone("vgg16", (64, 64, 3), base_filters=4)
+    assert trunk.output_names == ["C4"] and output_strides(trunk) == (16,)
+    assert tuple(trunk.outputs[0].shape) == (None, 4, 4, 32)
+    pyramid = build_backbone("vgg16", levels=(3, 4, 5), base_filters=4)
+    assert output_strides(pyramid) == (8, 16, 32)
+
+
 def test_preprocessing_by_family():
     assert preprocess_for("darknet53").mode == "unit"
     assert preprocess_for("resnet50").mode == "caffe"
     assert preprocess_for("resnet18").mode == "torch"
+    assert preprocess_for("vgg16").mode == "caffe"
     x = np.array([[[[255.0, 127.5, 0.0]]]], np.float32)
     np.testing.assert_allclose(preprocess_for("darknet53")(x)[0, 0, 0], [1.0, 0.5, 0.0])
     restored = ImagePreprocessing.from_config(preprocess_for("darknet53").get_config())
@@ -47,8 +57,8 @@ def test_preprocessing_by_family():
 
 
 def test_unknown_names_and_bad_weights_are_named():
-    with pytest.raises(ValueError, match="Unknown backbone 'vgg16'.*darknet53"):
-        build_backbone("vgg16")
+    with pytest.raises(ValueError, match="Unknown backbone 'alexnet'.*darknet53.*vgg16"):
+        build_backbone("alexnet")
     with pytest.raises(ValueError, match="Unknown backbone"):
         preprocess_for("darknet19")
     with pytest.raises(FileNotFoundError, match="nope.weights"):

@@ -773,7 +773,7 @@ def test_bad_preprocessing_and_weight_files(tmp_path):
     with pytest.raises(ValueError, match="no ImageNet weights"):
         preprocess_for("resnet34", "imagenet")
     with pytest.raises(ValueError, match="Unknown backbone"):
-        preprocess_for("vgg16")
+        preprocess_for("alexnet")
     with pytest.raises(ValueError, match="mode must be one of"):
         ImagePreprocessing("tf")
     with pytest.raises(ValueError, match=r"needs RGB images"):
