@@ -38,7 +38,8 @@ from dlnotes.anchors import AnchorGenerator
 from dlnotes.boxes import BoxCoder
 from dlnotes.checks import check_num_classes, positive_int
 from dlnotes.matching import AnchorLabelEncoder
-from dlnotes.models.retinanet import RetinaNet, prior_bias
+from dlnotes.models.retinanet import RetinaNet, _part, prior_bias
+from dlnotes.necks import build_neck
 from dlnotes.necks.bifpn import EFFICIENTDET_SCALING, BiFPN
 
 __all__ = ["PRESETS", "EfficientDet", "EfficientDetHead"]
@@ -217,6 +218,10 @@ class EfficientDet(RetinaNet):
             (``"efficientnet_b0"`` .. ``"efficientnet_b7"``, ``"efficientnet_tiny"``);
             ``backbone_kwargs`` its knobs, ``backbone_weights`` None / ``"imagenet"``.
         bifpn_width, bifpn_repeats, fusion: the BiFPN (:class:`~dlnotes.necks.bifpn.BiFPN`).
+        neck: None for that BiFPN; or, to compare necks on the same detector, a name of
+            :data:`dlnotes.necks.NECKS` with levels P3-P7 (built with ``bifpn_width`` channels:
+            ``"fpn"``, ``"fpn_bn"``, ``"panet"``) or a neck layer returning P3-P7 of
+            ``bifpn_width`` channels.
         head_depth: separable conv blocks per head before the output conv.
         anchor_scale, num_scales, aspect_ratios: anchors of size ``anchor_scale x stride x
             2^(k / num_scales)``, ``k = 0 .. num_scales - 1``, for each aspect ratio ``w / h``.
@@ -258,6 +263,7 @@ class EfficientDet(RetinaNet):
         iou_threshold=0.5,
         max_detections=100,
         pre_nms_top_k=1000,
+        neck=None,
         **kwargs,
     ):
         num_classes = check_num_classes(num_classes, "EfficientDet")
@@ -281,6 +287,19 @@ class EfficientDet(RetinaNet):
             "score_threshold": float(score_threshold), "iou_threshold": float(iou_threshold),
             "max_detections": int(max_detections), "pre_nms_top_k": pre_nms_top_k,
         }  # fmt: skip
+        neck = _part(neck)
+        if neck is None:
+            neck_layer = BiFPN(
+                num_channels=bifpn_width, repeats=bifpn_repeats, fusion=fusion, name="bifpn"
+            )
+        elif isinstance(neck, str):
+            neck_layer = build_neck(neck, num_channels=int(bifpn_width))
+        else:
+            neck_layer = neck
+        if neck is not None:  # a name stays a name; a layer is serialised with its config
+            config["neck"] = (
+                neck if isinstance(neck, str) else keras.saving.serialize_keras_object(neck)
+            )
         strides = (8, 16, 32, 64, 128)
         num_scales = positive_int(num_scales, "num_scales", "EfficientDet")
         generator = AnchorGenerator(
@@ -305,9 +324,7 @@ class EfficientDet(RetinaNet):
             backbone=backbone,
             backbone_kwargs=backbone_kwargs,
             backbone_weights=backbone_weights,
-            neck=BiFPN(
-                num_channels=bifpn_width, repeats=bifpn_repeats, fusion=fusion, name="bifpn"
-            ),
+            neck=neck_layer,
             anchor_generator=generator,
             box_coder=BoxCoder(order="yx"),
             label_encoder=AnchorLabelEncoder(0.5, 0.5, "global"),

@@ -234,3 +234,25 @@ def test_presets():
     assert PRESETS["efficientdet_d7"]["anchor_scale"] == 5.0
     tiny = EfficientDet.from_preset("efficientdet_tiny_256", num_classes=6)
     assert tiny.image_size == (256, 256) and tiny.count_params() < 500_000
+
+
+@pytest.mark.parametrize("neck", ["fpn_bn", "panet", "object"])
+def test_other_necks_on_the_same_detector(neck, tmp_path):
+    from dlnotes.necks import FPN, BiFPN
+
+    given = FPN(num_channels=16, name="my_fpn") if neck == "object" else neck
+    m = _small(neck=given)
+    assert not isinstance(m.neck, BiFPN)
+    assert m.get_config()["neck"] == (neck if isinstance(given, str) else m.get_config()["neck"])
+    x, _ = _train_data()
+    outputs = m(x)
+    reference = _small()  # the BiFPN model has the same anchors and heads
+    for key in outputs:
+        assert outputs[key].shape == reference(x)[key].shape
+    assert m.class_head.count_params() == reference.class_head.count_params()
+    path = str(tmp_path / "other_neck.keras")
+    m.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded.neck) is type(m.neck) and loaded.get_config() == m.get_config()
+    np.testing.assert_array_equal(loaded(x)["class_logits"], outputs["class_logits"])
+    assert "neck" not in reference.get_config()  # the default config is unchanged
