@@ -93,6 +93,8 @@ B7      66,658,687   64,097,687   62,449,047   80 / 224 / 640
 
 "top" is ``top="classifier"`` (keras.applications' ``include_top=True``), ``top="conv"``
 keras.applications' ``include_top=False``, "backbone" the default ``top=None``.
+:func:`efficientnet_cost` gives these counts and the multiply-adds part by part from the
+architecture's arithmetic, without building a model (B0: 0.386 G at 224, B7: 37.7 G at 600).
 ``efficientnet_tiny`` has 179,021 (205,901 with the top conv).
 
 B0 has 5,288,548 trainable parameters (torchvision's and timm's ``efficientnet_b0`` figure:
@@ -135,6 +137,7 @@ __all__ = [
     "build_efficientnet",
     "copy_keras_applications_weights",
     "describe",
+    "efficientnet_cost",
     "preprocessing_mode",
     "round_filters",
     "round_repeats",
@@ -727,3 +730,69 @@ def describe(name: str) -> str:
         f"EfficientNet width {scaling.width}, depth {scaling.depth} ({blocks} MBConv blocks, "
         f"{scaling.resolution} px), C3-C5 channels {channels}"
     )
+
+
+def _same(size: int, stride: int) -> int:
+    return -(-size // stride)  # "same" padding: ceil(size / stride)
+
+
+def efficientnet_cost(
+    name: str, image_size: int | Sequence[int] | None = None, top: str | None = "classifier"
+) -> dict[str, tuple[int, int]]:
+    """Parameters and multiply-adds of EfficientNet ``name``, part by part, without building it.
+
+    The arithmetic of the architecture (module docstring): a conv with kernel ``k``, ``c_in``
+    inputs and ``c_out`` outputs on an ``h x w`` output map costs ``k^2 c_in c_out h w``
+    multiply-adds (``k^2 c h w`` for a depthwise one); squeeze-excite's two 1x1 convs run on a
+    1x1 map. Parameters count what ``count_params()`` counts: weights, biases, the four numbers
+    of every BatchNorm channel and the input Normalization's 7.
+
+    Args:
+        name: one of :data:`EFFICIENTNETS`.
+        image_size: ``size`` or ``(height, width)``; default the variant's resolution.
+        top: None, ``"conv"`` or ``"classifier"`` (1000 classes), as :func:`build_efficientnet`.
+
+    Returns:
+        ``{part: (parameters, multiply_adds)}`` for ``"input"``, ``"stem"``, ``"stage1"`` ..
+        ``"stage7"`` and, with a top, ``"top"`` and ``"classifier"``; multiply-adds for one
+        image. The sums equal ``build_efficientnet(name, top=top).count_params()`` and
+        :func:`dlnotes.flops.count_macs` of that model.
+    """
+    scaling = _resolve_scaling(name, None, None, None)
+    if top not in _TOPS:
+        raise ValueError(f"{name}: top must be one of {_TOPS}, got {top!r}")
+    if image_size is None:
+        image_size = scaling.resolution
+    h, w = (image_size, image_size) if isinstance(image_size, numbers.Integral) else image_size
+    h, w = positive_int(h, "image height", name), positive_int(w, "image width", name)
+
+    def conv(k, c_in, c_out, bias=False, bn=True):
+        return k * k * c_in * c_out + c_out * bias + 4 * c_out * bn, k * k * c_in * c_out
+
+    h, w = _same(h, 2), _same(w, 2)
+    stem = round_filters(_STEM_FILTERS, scaling.width)
+    params, macs = conv(3, 3, stem)
+    parts = {"input": (7, 0), "stem": (params, macs * h * w)}
+    for i, stage in enumerate(_B0_STAGES):
+        p_total = m_total = 0
+        c_out = round_filters(stage.filters_out, scaling.width)
+        for j in range(round_repeats(stage.repeats, scaling.depth)):
+            c_in = round_filters(stage.filters_in, scaling.width) if j == 0 else c_out
+            hw_in = h * w  # the expansion runs before the (first block's) strided depthwise
+            if j == 0:
+                h, w = _same(h, stage.stride), _same(w, stage.stride)
+            f, r = c_in * stage.expand, max(1, int(c_in * _SE_RATIO))
+            expand = conv(1, c_in, f) if stage.expand != 1 else (0, 0)
+            depthwise = (stage.kernel**2 * f + 4 * f, stage.kernel**2 * f)
+            squeeze = (f * r + r + r * f + f, f * r + r * f)  # on a 1x1 map
+            project = conv(1, f, c_out)
+            p_total += expand[0] + depthwise[0] + squeeze[0] + project[0]
+            m_total += expand[1] * hw_in + (depthwise[1] + project[1]) * h * w + squeeze[1]
+        parts[f"stage{i + 1}"] = (p_total, m_total)
+    if top is not None:
+        top_filters = round_filters(_TOP_FILTERS, scaling.width)
+        params, macs = conv(1, c_out, top_filters)
+        parts["top"] = (params, macs * h * w)
+    if top == "classifier":
+        parts["classifier"] = (top_filters * 1000 + 1000, top_filters * 1000)
+    return parts

@@ -629,3 +629,57 @@ def test_unknown_variant_named_by_the_builder():
         build_efficientnet("b0")
     with pytest.raises(ValueError, match="Unknown EfficientNet"):
         effnet.preprocessing_mode("efficientnet-b0")
+
+
+# ----------------------------------------------------------------------------- cost model
+# Tan & Le 2019, table 2: FLOPs (multiply-adds) at each variant's resolution, in billions
+PAPER_MULTIPLY_ADDS = {
+    "efficientnet_b0": 0.39,
+    "efficientnet_b1": 0.70,
+    "efficientnet_b2": 1.0,
+    "efficientnet_b3": 1.8,
+    "efficientnet_b4": 4.2,
+    "efficientnet_b5": 9.9,
+    "efficientnet_b6": 19.0,
+    "efficientnet_b7": 37.0,
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_WITH_TOP))
+def test_cost_model_parameters_and_the_papers_multiply_adds(name):
+    cost = effnet.efficientnet_cost(name)
+    assert list(cost) == ["input", "stem"] + [f"stage{i}" for i in range(1, 8)] + [
+        "top",
+        "classifier",
+    ]
+    assert sum(p for p, _ in cost.values()) == PUBLISHED_WITH_TOP[name]
+    # within 5 % of the paper's rounded figures (B4: 4.39 G against 4.2)
+    macs = sum(m for _, m in cost.values()) / 1e9
+    assert macs == pytest.approx(PAPER_MULTIPLY_ADDS[name], rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "name, size, top",
+    [
+        ("efficientnet_b0", 224, "classifier"),
+        ("efficientnet_b0", (97, 131), None),
+        ("efficientnet_tiny", (64, 50), "conv"),
+    ],
+)
+def test_cost_model_equals_the_built_model(name, size, top):
+    from dlnotes.flops import count_macs
+
+    hw = (size, size) if isinstance(size, int) else size
+    model = build_efficientnet(name, input_shape=(*hw, 3), top=top)
+    cost = effnet.efficientnet_cost(name, size, top=top)
+    assert sum(p for p, _ in cost.values()) == model.count_params()
+    assert sum(m for _, m in cost.values()) == count_macs(model, (1, *hw, 3))
+
+
+def test_cost_model_bad_arguments():
+    with pytest.raises(ValueError, match="Unknown EfficientNet"):
+        effnet.efficientnet_cost("efficientnet_b9")
+    with pytest.raises(ValueError, match="top must be one of"):
+        effnet.efficientnet_cost("efficientnet_b0", top="dense")
+    with pytest.raises(ValueError, match="image height"):
+        effnet.efficientnet_cost("efficientnet_b0", (0, 224))
