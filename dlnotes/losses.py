@@ -163,8 +163,9 @@ def smooth_l1(y_true, y_pred, beta=1.0 / 9.0):
                d - 0.5 beta     otherwise
 
     Both pieces meet with value ``beta / 2`` and slope 1 at ``d = beta``. keras-retinanet writes it
-    with ``sigma = 3``: ``beta = 1 / sigma^2 = 1/9``; Faster R-CNN (torchvision) uses
-    ``beta = 1/9`` for the RPN and 1 for the box head. ``beta = 0`` is the L1 loss.
+    with ``sigma = 3``: ``beta = 1 / sigma^2 = 1/9``; Faster R-CNN uses ``beta = 1/9`` for the RPN
+    and, in torchvision, for the box head too (py-faster-rcnn used ``sigma = 1``, ``beta = 1``,
+    there). ``beta = 0`` is the L1 loss.
 
     Args:
         y_true: ``(...)`` targets (e.g. encoded box deltas ``(B, N, 4)``).

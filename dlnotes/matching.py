@@ -282,8 +282,10 @@ def sample_balanced(states, num_samples=256, positive_fraction=0.5, seed=(0, 0))
         num_samples: anchors sampled per image (256 for the RPN, 512 for the box head).
         positive_fraction: largest share of positives (0.5 for the RPN, 0.25 for the box head).
         seed: shape-``[2]`` integer seed of ``tf.random.stateless_uniform``. The result is a
-            deterministic function of ``(states, seed)`` (Philox, so eager, graph and XLA
-            agree); vary it per step in training (e.g. ``(step, 0)``).
+            deterministic function of ``(states, seed)``: eager and graph mode agree; under
+            ``jit_compile=True`` a seed given as a *tensor* draws other (still repeatable)
+            numbers in TF 2.21, so an XLA step samples differently from a graph step with the
+            same seed. Vary it per step in training (e.g. ``(step, 0)``).
 
     Returns:
         ``(B, A)`` int32 states: sampled positives 1, sampled negatives 0, the rest -1. Ignored
