@@ -138,8 +138,10 @@ def _class_agnostic_nms(boxes, scores, iou_threshold, score_threshold, max_detec
 
     def one_image(args):
         image_boxes, image_scores = args
-        # The rank-2 padded NMS is TF's exact greedy kernel; the batched (rank-3) variant treats
-        # boxes with no positive coordinate as removed, which is wrong for boxes off the image.
+        # TF 2.21's padded NMS (for rank 2 too) treats a box with no positive coordinate as
+        # removed, which is wrong for boxes off the image: shift the image's boxes so that every
+        # coordinate is at least 1 (IoU does not change under a translation).
+        image_boxes = image_boxes - tf.minimum(tf.reduce_min(image_boxes), 0.0) + 1.0
         return tf.image.non_max_suppression_padded(
             image_boxes,
             image_scores,

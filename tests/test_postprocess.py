@@ -305,3 +305,13 @@ def test_decode_detections_per_class_deltas_and_min_size():
     out = decode_detections(anchors, deltas, logits, coder, max_detections=3, min_size=0.01)
     assert out["num_detections"].numpy()[0] == 1
     np.testing.assert_array_equal(out["labels"].numpy()[0, :1], [1])
+
+
+def test_class_agnostic_nms_keeps_boxes_with_no_positive_coordinate():
+    # TF's padded NMS treats such boxes as removed; batched_nms shifts them first.
+    boxes = [[[-30.0, -30.0, -10.0, -10.0], [0.0, 0.0, 10.0, 10.0], [-29.0, -29.0, -10.0, -10.0]]]
+    scores = [[[0.9], [0.8], [0.7]]]  # the third overlaps the first (IoU 0.9): suppressed
+    for agnostic in (True, False):
+        out = _nms(boxes, scores, max_detections=3, class_agnostic=agnostic)
+        assert int(out["num_detections"][0]) == 2, agnostic
+        np.testing.assert_allclose(out["boxes"][0, :2], np.asarray(boxes[0][:2]))
