@@ -331,6 +331,7 @@ def build_resnet(
     blocks: Sequence[int] | None = None,
     groups: int | None = None,
     width_per_group: int | None = None,
+    levels: Sequence[int] | None = None,
 ) -> keras.Model:
     """Build a ResNet / ResNeXt feature extractor.
 
@@ -348,10 +349,13 @@ def build_resnet(
             ``base_filters * (1, 2, 4, 8)`` planes.
         blocks: residual blocks per stage conv2..conv5, overriding the depth of ``name``.
         groups, width_per_group: ResNeXt only (defaults 32 and 4).
+        levels: feature levels to return, increasing, from 2 (stride 4, the end of conv2) to 5;
+            default ``(3, 4, 5)``. ``(2, 3, 4, 5)`` is the input of the FPN of Faster / Mask
+            R-CNN.
 
     Returns:
         A functional ``keras.Model`` named ``name`` mapping ``(B, H, W, C)`` float images to
-        ``[C3, C4, C5]``, where ``C_l`` is
+        ``[C3, C4, C5]`` (or the requested ``levels``), where ``C_l`` is
         ``(B, ceil(H / 2**l), ceil(W / 2**l), channels_l)`` and the output layers are named
         ``"C3"``, ``"C4"``, ``"C5"``. Channels are ``base_filters * 2**(l-2)`` (basic blocks) or
         4x that (bottlenecks): (128, 256, 512) for ResNet-18/34, (512, 1024, 2048) for the
@@ -363,6 +367,7 @@ def build_resnet(
         FileNotFoundError: the weights file does not exist.
     """
     spec = _resolve_spec(name, base_filters, blocks, groups, width_per_group)
+    levels = _resolve_levels(levels, name)
     input_shape = _resolve_input_shape(input_shape, name)
     kind = _check_weights_arg(name, weights, spec)
     if kind == "imagenet" and input_shape[-1] != 3:
@@ -377,7 +382,7 @@ def build_resnet(
         planes = spec.base_filters * 2**stage
         for i in range(n_blocks):
             x = block_fn(x, planes, stride if i == 0 else 1, f"conv{level}_block{i + 1}", spec)
-        if level >= 3:
+        if level in levels:
             features.append(layers.Identity(name=f"C{level}")(x))
     model = keras.Model(images, features, name=name)
 
@@ -392,6 +397,27 @@ def build_resnet(
             knobs += f", groups={spec.groups}, width_per_group={spec.width_per_group}"
         load_weights_file(model, os.fspath(weights), knobs, keras_app=published)
     return model
+
+
+def _resolve_levels(levels, name):
+    """``levels`` as a tuple of increasing ints in 2..5 (default ``(3, 4, 5)``)."""
+    if levels is None:
+        return (3, 4, 5)
+    try:
+        resolved = tuple(int(level) for level in levels)
+    except (TypeError, ValueError):
+        resolved = ()
+    if (
+        not resolved
+        or any(isinstance(level, bool) for level in levels)
+        or any(level not in (2, 3, 4, 5) for level in resolved)
+        or list(resolved) != sorted(set(resolved))
+    ):
+        raise ValueError(
+            f"{name}: levels must be increasing feature levels from 2 (stride 4) to 5 (stride "
+            f"32), e.g. (2, 3, 4, 5); got {levels!r}."
+        )
+    return resolved
 
 
 def preprocessing_mode(name: str, weights: str | os.PathLike | None = None) -> str:

@@ -34,7 +34,7 @@ __all__ = [
     "nearest_upsample_like",
 ]
 
-_EXTRA_FROM = ("c5", "p5")
+_EXTRA_FROM = ("c5", "p5", "pool")
 
 
 # ----------------------------------------------------------------------------- resampling helpers
@@ -275,6 +275,7 @@ class FPN(keras.layers.Layer):
         P_l = conv3x3(M_l)                                   output convs, l <= top
         P_{top+1} = conv3x3_s2(C_top or P_top)               extra_from = "c5" / "p5"
         P_{l+1} = conv3x3_s2(act(P_l))                       further extra levels (P7)
+        P_{l+1} = maxpool1x1_s2(P_l)                         extra_from = "pool": no weights
 
     All convs have ``num_channels`` filters; ``up2`` is :func:`nearest_upsample_like`, which crops
     (or edge-pads) to the lateral's size so odd feature sizes work. With the defaults this is
@@ -301,7 +302,10 @@ class FPN(keras.layers.Layer):
         post_activation: apply ``activation`` after every output / extra conv.
         extra_from: ``"c5"`` (the RetinaNet paper, keras-retinanet) or ``"p5"`` (the first extra
             level from the top pyramid output, as in FCOS / detectron2's ``use_P5``); "c5" / "p5"
-            name the *top* input / output level whatever its number.
+            name the *top* input / output level whatever its number. ``"pool"``: every extra
+            level is the level below subsampled by a 1x1 max pool of stride 2 (every other
+            pixel, ``ceil`` sizes), without weights: the P6 of Faster / Mask R-CNN's FPN
+            (torchvision's ``LastLevelMaxPool``, used by the RPN only).
         activation: activation name (``"relu"``; ``"swish"``, ``"leaky_relu"``...).
         norm_momentum: BN momentum.
         norm_epsilon: BN epsilon.
@@ -394,6 +398,7 @@ class FPN(keras.layers.Layer):
         self.extra_convs = [
             self._conv(3, f"extra_p{level}", strides=2, activated=self.post_activation)
             for level in range(top_level + 1, self.max_level + 1)
+            if self.extra_from != "pool"
         ]
         channels = _none_shape(self.num_channels)
         for conv, shape in zip(self.lateral_convs, shapes, strict=True):
@@ -415,6 +420,10 @@ class FPN(keras.layers.Layer):
         outputs = [
             conv(x, training=training) for conv, x in zip(self.output_convs, merged, strict=True)
         ]
+        if self.extra_from == "pool":
+            for _ in range(self.max_level - self.min_level + 1 - len(outputs)):
+                outputs.append(outputs[-1][:, ::2, ::2, :])  # max_pool2d(x, 1, stride=2)
+            return outputs
         x = features[-1] if self.extra_from == "c5" else outputs[-1]
         for i, conv in enumerate(self.extra_convs):
             # P7 = conv(ReLU(P6)); with post_activation P6 is already activated.

@@ -632,6 +632,18 @@ def test_knobs_shrink_the_model():
     assert small_x.get_layer("conv2_block1_2_conv").filters == 8  # int(16 * 4 / 64) * 8
 
 
+def test_levels_knob_adds_c2_for_faster_rcnn_fpn():
+    model = build_backbone("resnet_tiny", (96, 64, 3), levels=(2, 3, 4, 5))
+    assert model.output_names == ["C2", "C3", "C4", "C5"]
+    assert output_strides(model) == (4, 8, 16, 32)
+    assert [tuple(t.shape[1:]) for t in model.outputs][0] == (24, 16, 16)
+    c2 = keras.Model(model.inputs, model.get_layer("conv2_block1_out").output)  # end of conv2
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 96, 64, 3)).astype("float32")
+    np.testing.assert_array_equal(model(x)[0], c2(x))
+    only_c4 = build_backbone("resnet_tiny", levels=(4,))
+    assert only_c4.output_names == ["C4"] and only_c4.count_params() < model.count_params()
+
+
 def test_runs_on_real_images_with_strides():
     model = build_backbone("resnet_tiny")
     x = np.random.default_rng(3).uniform(0, 255, (2, 96, 64, 3)).astype("float32")
@@ -755,6 +767,9 @@ def test_preprocessing_mode_per_family():
         ({"name": "resnet18", "blocks": (2, 0, 2, 2)}, ValueError, "positive int"),
         ({"name": "resnet18", "base_filters": 0}, ValueError, "base_filters"),
         ({"name": "resnext50_32x4d", "base_filters": 8}, ValueError, "0 channels per group"),
+        ({"name": "resnet18", "levels": (1, 2)}, ValueError, "levels must be"),
+        ({"name": "resnet18", "levels": (4, 3)}, ValueError, "levels must be"),
+        ({"name": "resnet18", "levels": ()}, ValueError, "levels must be"),
         ({"name": "resnet18", "input_shape": (64, 64)}, ValueError, "input_shape"),
         ({"name": "resnet18", "input_shape": (64, -1, 3)}, ValueError, "input_shape"),
         (

@@ -202,6 +202,22 @@ def test_max_level_5_has_no_extra_levels_and_p6_from_p5():
     assert fpn6c.extra_convs[0].conv.kernel.shape == (3, 3, 16, 8)
 
 
+def test_pooled_extra_level_is_torchvisions_faster_rcnn_fpn():
+    # Faster R-CNN's FPN: C2-C5 -> P2-P6, P6 = max_pool2d(P5, 1, stride=2) without weights
+    fpn = FPN(num_channels=8, min_level=2, max_level=6, extra_from="pool")
+    sizes = [(26, 33), *ODD_SIZES]
+    out = fpn(features(sizes, channels=(4, *CHANNELS)))
+    assert fpn.levels == [2, 3, 4, 5, 6] and not fpn.extra_convs
+    assert [tuple(o.shape[1:3]) for o in out] == sizes + [(2, 3)]  # ceil(4 / 2), ceil(5 / 2)
+    np.testing.assert_array_equal(out[4], out[3][:, ::2, ::2])
+    # torchvision's FeaturePyramidNetwork(in_channels=[256, 512, 1024, 2048], 256) with
+    # LastLevelMaxPool: 1x1 inner and 3x3 layer convs with biases, 3,344,384 parameters
+    tv = FPN(num_channels=256, min_level=2, max_level=6, extra_from="pool")
+    tv.build([(None, None, None, c) for c in (256, *R50)])
+    assert tv.count_params() == (256 + sum(R50)) * 256 + 4 * 256 + 4 * (9 * 256 * 256 + 256)
+    assert tv.count_params() == 3_344_384
+
+
 # ----------------------------------------------------------------------------- values
 @pytest.mark.parametrize(
     "kwargs",
