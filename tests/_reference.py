@@ -258,8 +258,14 @@ def detector_replicas_script(model_class, kwargs):
 
     single = build()
     initial = single.get_weights()
+    def step_loss(model, x, y):
+        # The loss of Keras' train step: forward_with_loss (one forward pass and the loss of
+        # its outputs for a one-stage detector; both stages for a two-stage one).
+        _, terms = model.forward_with_loss(x, y, training=True, seed=model.step_seed())
+        return model.total_loss(terms, y)
+
     with tf.GradientTape() as tape:
-        loss = single.compute_loss(x, y, single(x, training=True))
+        loss = step_loss(single, x, y)
     grads = tape.gradient(loss, single.trainable_variables)
 
     with strategy.scope():
@@ -268,7 +274,7 @@ def detector_replicas_script(model_class, kwargs):
 
     def replica_fn(x, y):
         with tf.GradientTape() as tape:
-            loss = dist.compute_loss(x, y, dist(x, training=True))
+            loss = step_loss(dist, x, y)
         grads = tape.gradient(loss, dist.trainable_variables)
         ctx = tf.distribute.get_replica_context()
         return loss, ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
