@@ -50,13 +50,14 @@ test: unit notebooks
 execute: install data
 	for nb in $(NOTEBOOKS); do \
 		echo "executing $$nb"; \
-		(cd book && ../$(VENV)/bin/jupyter execute --inplace --timeout=600 \
+		(cd book && ../$(VENV)/bin/jupyter execute --inplace --timeout=1800 \
 			--kernel_name=python3 $$(basename $$nb)) || exit 1; \
 	done
 
 bench: install data
 	$(PY) benchmarks/iou_matching.py
 	$(PY) benchmarks/yolo_ignore_mask.py
+	$(PY) benchmarks/faster_rcnn.py --repeats 3
 	$(PY) benchmarks/book_times.py
 	@$(PY) -c "import keras_hub" 2>/dev/null && $(PY) benchmarks/retinanet_keras_hub.py \
 		|| echo "skipped retinanet_keras_hub.py: pip install -e '.[bench]' (keras-hub) to run it"
