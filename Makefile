@@ -57,6 +57,7 @@ execute: install data
 bench: install data
 	$(PY) benchmarks/iou_matching.py
 	$(PY) benchmarks/yolo_ignore_mask.py
+	$(PY) benchmarks/roi_pooling.py --repeats 3
 	$(PY) benchmarks/faster_rcnn.py --repeats 3
 	$(PY) benchmarks/book_times.py
 	@$(PY) -c "import keras_hub" 2>/dev/null && $(PY) benchmarks/retinanet_keras_hub.py \

@@ -67,7 +67,14 @@ from dlnotes.models.rpn import (
 from dlnotes.necks import FPN
 from dlnotes.roi import multiscale_roi_align, roi_align, roi_pool
 
-__all__ = ["PRESETS", "ROI_POOLINGS", "STAGES", "FasterRCNN", "train_alternating"]
+__all__ = [
+    "ALTERNATING_PLAN",
+    "PRESETS",
+    "ROI_POOLINGS",
+    "STAGES",
+    "FasterRCNN",
+    "train_alternating",
+]
 
 #: RoI feature extraction: ``"pool"`` (RoIPool, the paper), ``"align"`` (RoIAlign on one
 #: level), ``"multiscale_align"`` (RoIAlign of each RoI on its FPN level).
@@ -557,8 +564,9 @@ class FasterRCNN(Detector):
 
 # ----------------------------------------------------------------------------- 4-step training
 
-#: The paper's 4-step alternating training: (stage, trunk trainable) per step.
-_ALTERNATING_PLAN = (("rpn", True), ("detector", False), ("rpn", False), ("detector", False))
+#: The paper's 4-step alternating training (:func:`train_alternating`): ``(stage, trunk
+#: trainable)`` per step; the stage's own head is trained, the other head is frozen.
+ALTERNATING_PLAN = (("rpn", True), ("detector", False), ("rpn", False), ("detector", False))
 
 
 def train_alternating(
@@ -599,7 +607,7 @@ def train_alternating(
     flags = {id(layer): layer.trainable for layer in model._flatten_layers()}
     histories = []
     try:
-        for (stage, trunk_trainable), count in zip(_ALTERNATING_PLAN, steps, strict=True):
+        for (stage, trunk_trainable), count in zip(ALTERNATING_PLAN, steps, strict=True):
             for part in trunk:
                 for layer in part._flatten_layers():
                     layer.trainable = trunk_trainable and flags[id(layer)]
