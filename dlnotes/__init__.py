@@ -6,11 +6,13 @@ One module per idea, each used by every model of the book:
 * :mod:`dlnotes.anchors` — multi-level anchors, YOLO anchors, k-means anchors
 * :mod:`dlnotes.matching` — anchor assignment to ground truth, balanced sampling
 * :mod:`dlnotes.postprocess` — decoding and batched, per-class NMS
+* :mod:`dlnotes.roi` — RoI pooling and RoIAlign (single and multi-level), for two-stage heads
+* :mod:`dlnotes.centerness` — FCOS / PolarMask centerness and CenterNet's Gaussian heatmaps
 * :mod:`dlnotes.losses` — focal, smooth-L1 / Huber and IoU losses, the cross-replica normaliser
-* :mod:`dlnotes.backbones` — ResNet / ResNeXt and Darknet-53 feature extractors (C3-C5)
+* :mod:`dlnotes.backbones` — ResNet / ResNeXt, Darknet-53, EfficientNet and VGG16 feature extractors
 * :mod:`dlnotes.darknet_io` — darknet ``.cfg`` / ``.weights`` files to and from Keras models
-* :mod:`dlnotes.necks` — FPN variants (original, BN / post-activation, PANet, YOLO's concat FPN)
-* :mod:`dlnotes.models` — the detectors (RetinaNet, YOLOv3)
+* :mod:`dlnotes.necks` — FPN variants (original, BN / post-activation, PANet, YOLO's concat FPN, BiFPN)
+* :mod:`dlnotes.models` — the detectors (RetinaNet, YOLOv3, EfficientDet, Faster R-CNN, the keypoint model)
 * :mod:`dlnotes.data` — the synthetic shapes data set, COCO JSON to ``tf.data``, transforms
 * :mod:`dlnotes.evaluation` — COCO mAP with pycocotools, and AP spelled out
 * :mod:`dlnotes.flops` — multiply-adds of a forward pass, and the machine's matmul rate
@@ -23,6 +25,7 @@ from dlnotes import (
     anchors,
     backbones,
     boxes,
+    centerness,
     darknet_io,
     data,
     evaluation,
@@ -32,6 +35,7 @@ from dlnotes import (
     models,
     necks,
     postprocess,
+    roi,
     saving,
     viz,
 )
@@ -43,6 +47,7 @@ __all__ = [
     "anchors",
     "backbones",
     "boxes",
+    "centerness",
     "darknet_io",
     "data",
     "evaluation",
@@ -52,6 +57,7 @@ __all__ = [
     "models",
     "necks",
     "postprocess",
+    "roi",
     "saving",
     "viz",
 ]

@@ -7,6 +7,7 @@
   :func:`dlnotes.boxes.aligned_iou`;
 * :func:`global_normalizer` — ``max(minimum, count)`` with the count summed over the replicas of a
   ``tf.distribute`` strategy;
+* :func:`penalty_reduced_focal_loss` — CenterNet's focal loss on Gaussian heatmaps (chapter 7);
 * :func:`yolo_loss` and :func:`yolo_ignore_mask` — YOLOv3's loss (reduced, a dict of terms).
 
 The losses are elementwise (no reduction): a model masks them with its anchor states (ignored
@@ -36,6 +37,7 @@ __all__ = [
     "global_normalizer",
     "huber",
     "iou_loss",
+    "penalty_reduced_focal_loss",
     "sigmoid_focal_loss",
     "smooth_l1",
     "yolo_ignore_mask",
@@ -464,3 +466,32 @@ def yolo_loss(
     }
     out["total"] = out["box"] + out["objectness"] + out["class"]
     return out
+
+
+def penalty_reduced_focal_loss(labels, logits, alpha=2.0, beta=4.0):
+    """CenterNet's penalty-reduced pixel-wise focal loss (Law & Deng 2018), elementwise.
+
+    With ``p = sigmoid(z)`` and a Gaussian target ``y`` (1 at a point's cell)::
+
+        loss = (1 - p)^alpha * -log(p)                  where y = 1
+               (1 - y)^beta * p^alpha * -log(1 - p)     elsewhere
+
+    so a cell near a point (``y`` close to 1) is barely pushed towards 0. CenterNet divides the
+    sum by the number of points. Computed from the logits (``log p = log_sigmoid(z)``,
+    ``p^alpha = exp(alpha log_sigmoid(z))``): finite values and gradients for any logit.
+
+    Args:
+        labels: ``(...)`` targets in [0, 1], exactly 1 at the points.
+        logits: ``(...)`` raw outputs, same shape.
+        alpha, beta: the paper's 2 and 4.
+
+    Returns:
+        ``(...)`` float32 elementwise loss.
+    """
+    labels = tf.cast(labels, tf.float32)
+    logits = tf.cast(logits, tf.float32)
+    log_p, log_q = tf.math.log_sigmoid(logits), tf.math.log_sigmoid(-logits)
+    positive = tf.exp(float(alpha) * log_q) * -log_p
+    weight = tf.pow(tf.nn.relu(1.0 - labels), float(beta))
+    negative = weight * tf.exp(float(alpha) * log_p) * -log_q
+    return tf.where(labels >= 1.0, positive, negative)
