@@ -4,6 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   := data/shapes
 NOTEBOOKS := $(sort $(wildcard book/*.ipynb))
+# pytest-xdist workers for `make unit` and `make notebooks` (2 suits the 2-core CI machine; JOBS=0 runs
+# in one process). A notebook's cells stay together, in order, on one worker (--dist loadscope).
+JOBS   ?= 2
 # Keep TensorFlow's C++ start-up chatter out of notebook outputs and test logs.
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYTHONHASHSEED ?= 0
@@ -39,11 +42,11 @@ book: install data
 	@echo "The book is in _build/html/index.html"
 
 unit: install data
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n $(JOBS) --durations=15
 
 notebooks: install data
 	$(PY) -m pytest --nbval --nbval-current-env --nbval-sanitize-with book/sanitize.cfg \
-		-q $(NOTEBOOKS)
+		-q -n $(JOBS) --dist loadscope $(NOTEBOOKS)
 
 test: unit notebooks
 

@@ -402,7 +402,9 @@ def draw_keypoints(ax, keypoints, names: Sequence[str] | None = None, skeleton=N
     return ax
 
 
-def draw_heatmap(ax, heatmap, image=None, alpha: float = 0.5, cmap: str = "jet"):
+def draw_heatmap(
+    ax, heatmap, image=None, alpha: float = 0.5, cmap: str = "jet", vmin=None, vmax=None
+):
     """Shows a heatmap (e.g. a score map or a centerness target), over an image if given.
 
     The heatmap is stretched over the image's pixel extent, so a stride-s feature map of an
@@ -415,6 +417,8 @@ def draw_heatmap(ax, heatmap, image=None, alpha: float = 0.5, cmap: str = "jet")
         image: optional ``(H, W[, 3])`` image drawn underneath (see :func:`show_image`).
         alpha: heatmap opacity over the image (1 without an image).
         cmap: Matplotlib colormap name.
+        vmin, vmax: the values at the ends of the colour scale (default: the heatmap's minimum
+            and maximum). Fix them, e.g. to 0 and 1, to compare several maps.
 
     Returns:
         The Axes. The heatmap ``AxesImage`` is the last of ``ax.images`` and has the image's
@@ -437,6 +441,8 @@ def draw_heatmap(ax, heatmap, image=None, alpha: float = 0.5, cmap: str = "jet")
         np.nan_to_num(heatmap),
         cmap=cmap,
         alpha=alpha,
+        vmin=vmin,
+        vmax=vmax,
         extent=extent,
         interpolation="nearest",
     )

@@ -245,3 +245,10 @@ def test_image_grid_images_only_and_empty():
     assert sum(len(a.images) for a in fig.axes) == 5
     fig = viz.image_grid(np.zeros((0, 8, 8, 3)))
     assert len(fig.axes) == 1 and len(fig.axes[0].patches) == 0
+
+
+def test_draw_heatmap_colour_scale(ax):
+    viz.draw_heatmap(ax, np.full((4, 4), 0.25))
+    assert ax.images[-1].get_clim() == (0.25, 0.25)  # matplotlib's default: the map's own range
+    viz.draw_heatmap(ax, np.full((4, 4), 0.25), vmin=0.0, vmax=1.0)
+    assert ax.images[-1].get_clim() == (0.0, 1.0)
