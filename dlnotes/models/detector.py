@@ -239,6 +239,27 @@ class Detector(keras.Model):
         (:func:`dlnotes.checks.label_assertions`)."""
         return label_assertions(labels, self.num_classes, type(self).__name__)
 
+    def pyramid(self, images, training=False):
+        """Images ``(B, H, W, 3)`` RGB in [0, 255] -> the feature levels the heads read, finest
+        first: checked (:meth:`check_images`), preprocessed, through ``self.backbone`` and
+        ``self.neck`` (the backbone's levels when ``self.neck`` is None)."""
+        self.check_images(images)
+        features = self.backbone(self.preprocessing(images), training=training)
+        if getattr(self, "neck", None) is None:
+            return list(features) if isinstance(features, (list, tuple)) else [features]
+        return self.neck(features, training=training)
+
+    def pyramid_spec(self, input_shape):
+        """Builds the backbone's and the neck's weights for ``input_shape`` (a part deserialised
+        from a saved config arrives built already) and returns the levels' ``KerasTensor``
+        specs, as :meth:`pyramid` would give them."""
+        features = self.backbone.compute_output_spec(keras.KerasTensor(tuple(input_shape)))
+        if getattr(self, "neck", None) is None:
+            return list(features) if isinstance(features, (list, tuple)) else [features]
+        if not self.neck.built:
+            self.neck.build([f.shape for f in features])
+        return self.neck.compute_output_spec(features)
+
     def check_images(self, images):
         """Static checks of an image batch given to the model: ``(B, H, W, 3)`` RGB and, for a
         model built for a fixed ``image_size``, ``(H, W)`` equal to it; ``ValueError`` naming

@@ -331,14 +331,7 @@ class FasterRCNN(Detector):
     # ------------------------------------------------------------------ construction
 
     def build(self, input_shape):
-        images = keras.KerasTensor(tuple(input_shape))
-        features = self.backbone.compute_output_spec(images)
-        if self.neck is not None:
-            if not self.neck.built:
-                self.neck.build([f.shape for f in features])
-            levels = self.neck.compute_output_spec(features)
-        else:
-            levels = features
+        levels = self.pyramid_spec(input_shape)
         shapes = [tuple(level.shape[1:3]) for level in levels]
         expected = [tuple(s) for s in self.anchor_generator.level_shapes(self.image_size)]
         if shapes != expected:
@@ -372,11 +365,7 @@ class FasterRCNN(Detector):
 
     def trunk(self, images, training=False):
         """Images -> the feature levels of the RPN (VGG16: ``[C4]``; FPN: ``[P2, ..., P6]``)."""
-        self.check_images(images)
-        features = self.backbone(self.preprocessing(images), training=training)
-        if self.neck is not None:
-            return self.neck(features, training=training)
-        return list(features) if isinstance(features, (list, tuple)) else [features]
+        return self.pyramid(images, training=training)
 
     def rpn_outputs(self, levels):
         """Feature levels -> flattened RPN outputs: objectness ``(B, N)`` (or ``(B, N, 2)``) and

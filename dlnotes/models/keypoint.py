@@ -672,11 +672,7 @@ class KeypointDetector(Detector):
                 )
 
     def build(self, input_shape):
-        images = keras.KerasTensor(tuple(input_shape))
-        features = self.backbone.compute_output_spec(images)
-        if not self.neck.built:
-            self.neck.build([f.shape for f in features])
-        levels = self.neck.compute_output_spec(features)
+        levels = self.pyramid_spec(input_shape)
         for head in self.heads:
             if not head.built:
                 head.build([level.shape for level in levels])
@@ -727,9 +723,7 @@ class KeypointDetector(Detector):
     # ------------------------------------------------------------------ forward
 
     def call(self, images, training=False):
-        self.check_images(images)
-        features = self.backbone(self.preprocessing(images), training=training)
-        levels = self.neck(features, training=training)
+        levels = self.pyramid(images, training=training)
         slots, types = self.points_per_cell, self.num_point_classes
         outputs = {"offsets": [], "class_logits": [], "centerness_logits": []}
         if self.head == "separate":

@@ -388,12 +388,7 @@ class RetinaNet(Detector):
                 )
 
     def build(self, input_shape):
-        images = keras.KerasTensor(tuple(input_shape))
-        features = self.backbone.compute_output_spec(images)
-        # A part deserialised from a saved config arrives built already.
-        if not self.neck.built:
-            self.neck.build([f.shape for f in features])
-        levels = self.neck.compute_output_spec(features)
+        levels = self.pyramid_spec(input_shape)
         for head in (self.class_head, self.box_head):
             if not head.built:
                 head.build([level.shape for level in levels])
@@ -455,10 +450,7 @@ class RetinaNet(Detector):
     def head_outputs(self, images, training=False):
         """Per-level outputs in the notes' layout: lists of class logits ``(B, H, W, A, C)`` and
         box deltas ``(B, H, W, A, 4)``, one entry per pyramid level P3..P7."""
-        self.check_images(images)
-        x = self.preprocessing(images)
-        features = self.backbone(x, training=training)
-        levels = self.neck(features, training=training)
+        levels = self.pyramid(images, training=training)
         return self.class_head(levels), self.box_head(levels)
 
     def call(self, images, training=False):

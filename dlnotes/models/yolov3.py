@@ -291,9 +291,7 @@ class YOLOv3(Detector):
     # ------------------------------------------------------------------ forward
 
     def call(self, images, training=False):
-        self.check_images(images)
-        features = self.backbone(self.preprocessing(images), training=training)
-        levels = self.neck(features, training=training)[::-1]  # stride 32 first, as darknet
+        levels = self.pyramid(images, training=training)[::-1]  # stride 32 first, as darknet
         return [head(x, training=training) for head, x in zip(self.heads, levels, strict=True)]
 
     def darknet_units(self):
