@@ -3,3 +3,13 @@
 # of the notebook makes stored outputs the same on every machine (they still reach the terminal).
 c = get_config()  # noqa: F821
 c.IPKernelApp.capture_fd_output = False
+
+# Figures for the book's 740 px text column. "retina": the PNG is stored at twice figure.dpi (144 dpi
+# for the notebooks' 72) with width / height metadata of its logical size, so it is shown at
+# figsize x 72 px and stays sharp on high-density screens. Fonts of 11 pt (matplotlib's default is
+# 10) are 11 px at that size; figures are at most 10 in (720 px) wide so that they are not shrunk.
+# The notebooks pin figure.dpi = 72 themselves: the "<Figure size WxH ...>" lines that nbval compares
+# are figsize x figure.dpi and do not depend on this file. Kernels without this profile (Colab, a
+# plain `jupyter lab`) draw with their own defaults.
+c.InlineBackend.figure_formats = {"retina"}
+c.InlineBackend.rc = {"font.size": 11}

@@ -1,0 +1,206 @@
+"""Reading comfort for the book's notebooks: one idempotent pass over ``book/*.ipynb``.
+
+Usage::
+
+    python tools/notebook_style.py book/00_*.ipynb          # rewrite in place
+    python tools/notebook_style.py --check book/*.ipynb     # exit 1 if a rewrite would change a file
+
+Only sources and cell tags change; outputs are left as they are, so a notebook needs no
+re-execution after this pass unless the figure-setup rule (4) changed its first code cells (the
+stored figures then still have the old style until it is re-executed). Running the pass twice
+gives the same file. The rules, in the order they are applied:
+
+1. **nbval markers become cell tags.** A comment line ``# NBVAL_IGNORE_OUTPUT`` (likewise
+   ``NBVAL_SKIP``, ``NBVAL_CHECK_OUTPUT``, ``NBVAL_RAISES_EXCEPTION``) is removed from the source
+   and the equivalent nbval tag (``nbval-ignore-output``, ...) is added to the cell's metadata, so
+   readers do not see test plumbing. nbval >= 0.9.2 reads the tags exactly like the comments.
+
+2. **Code is formatted to the text column.** ``ruff format --line-length 75`` on the notebook. At
+   a 1280 px window sphinx-book-theme gives a code block 640 px of text (672 px less 2 x 16 px of
+   padding) in a 14 px monospace font whose glyphs are 0.6 em wide (DejaVu Sans Mono, Menlo,
+   SF Mono, Source Code Pro: 8.43 px), so 75 characters fit without a horizontal scroll bar.
+   Lines ruff cannot break (long strings, comments) are left to the author. The package keeps
+   its line length of 100 (``pyproject.toml``); ``make lint`` checks the notebooks with 75.
+
+3. **Long material is collapsed** with Jupyter Book's cell tags, so the prose leads and the code
+   is one click away (the cell still runs and is still compared by nbval):
+
+   * ``hide-output`` on a cell that prints a source listing (its source calls
+     ``inspect.getsource``) of at least ``LONG_OUTPUT`` (30) lines of text and shows no figure;
+   * ``hide-output`` on a training cell (its source calls ``.fit(``) that prints at least
+     ``TRAINING_LOG`` (3) lines: the training logs;
+   * ``hide-input`` on a cell of at least ``LONG_FIGURE_SOURCE`` (30) formatted source lines whose
+     outputs are figures only: diagram and plot drawing code.
+
+   A cell tagged ``no-auto-hide`` is left alone by this rule; tags are only ever added.
+
+4. **Figure setup leaves the style to the kernel profile.** In a notebook's first code cells,
+   ``%config InlineBackend.figure_formats = ["png"]`` is removed and
+   ``plt.rcParams.update({"figure.dpi": 72, "savefig.dpi": 72, "font.size": 10})`` becomes
+   ``plt.rcParams.update({"figure.dpi": 72})``. The notebook still pins ``figure.dpi`` (the
+   ``<Figure size WxH ...>`` lines nbval compares are figsize x figure.dpi, with or without the
+   profile); ``book/.ipython/profile_default/ipython_kernel_config.py`` sets the book's figure
+   format (PNG at twice the resolution, shown at the logical size) and font size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LINE_LENGTH = 75
+LONG_OUTPUT = 30
+TRAINING_LOG = 3
+LONG_FIGURE_SOURCE = 30
+OPT_OUT_TAG = "no-auto-hide"
+
+_NBVAL_COMMENT = re.compile(
+    r"^[ \t]*#[ \t]*(NBVAL_IGNORE_OUTPUT|NBVAL_CHECK_OUTPUT|NBVAL_RAISES_EXCEPTION|NBVAL_SKIP)"
+    r"[ \t]*$"
+)
+_OLD_FORMATS = re.compile(r'^%config InlineBackend\.figure_formats = \["png"\]\n', re.M)
+_OLD_RC = 'plt.rcParams.update({"figure.dpi": 72, "savefig.dpi": 72, "font.size": 10})'
+_NEW_RC = 'plt.rcParams.update({"figure.dpi": 72})'
+
+
+def _source(cell: dict) -> str:
+    src = cell.get("source", "")
+    return src if isinstance(src, str) else "".join(src)
+
+
+def _set_source(cell: dict, text: str) -> None:
+    cell["source"] = text.splitlines(keepends=True)
+
+
+def _add_tag(cell: dict, tag: str) -> None:
+    tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+    if tag not in tags:
+        tags.append(tag)
+
+
+def _tags(cell: dict) -> list[str]:
+    return cell.get("metadata", {}).get("tags", [])
+
+
+def nbval_comments_to_tags(cell: dict) -> None:
+    """Rule 1."""
+    lines = _source(cell).splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        match = _NBVAL_COMMENT.match(line.rstrip("\n"))
+        if match:
+            _add_tag(cell, match.group(1).lower().replace("_", "-"))
+        else:
+            kept.append(line)
+    if len(kept) != len(lines):
+        _set_source(cell, "".join(kept))
+
+
+def figure_setup(cell: dict) -> None:
+    """Rule 4."""
+    text = _source(cell)
+    new = _OLD_FORMATS.sub("", text).replace(_OLD_RC, _NEW_RC)
+    if new != text:
+        _set_source(cell, new)
+
+
+def _text_lines(cell: dict) -> int:
+    count = 0
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream":
+            text = out.get("text", "")
+        elif "image/png" not in out.get("data", {}):
+            text = out.get("data", {}).get("text/plain", "")
+        else:
+            continue
+        count += len(("".join(text) if isinstance(text, list) else text).splitlines())
+    return count
+
+
+def _has_figure(cell: dict) -> bool:
+    return any("image/png" in out.get("data", {}) for out in cell.get("outputs", []))
+
+
+def hide_tags(cell: dict) -> None:
+    """Rule 3."""
+    if OPT_OUT_TAG in _tags(cell):
+        return
+    source = _source(cell)
+    lines = _text_lines(cell)
+    if "inspect.getsource" in source and lines >= LONG_OUTPUT and not _has_figure(cell):
+        _add_tag(cell, "hide-output")
+    if ".fit(" in source and lines >= TRAINING_LOG:
+        _add_tag(cell, "hide-output")
+    if len(source.splitlines()) >= LONG_FIGURE_SOURCE and _has_figure(cell) and lines == 0:
+        _add_tag(cell, "hide-input")
+
+
+def _ruff() -> str:
+    candidate = Path(sys.executable).with_name("ruff")
+    return str(candidate) if candidate.exists() else (shutil.which("ruff") or "ruff")
+
+
+def ruff_format(path: Path) -> None:
+    """Rule 2 (in place)."""
+    subprocess.run(
+        [_ruff(), "format", "--quiet", "--line-length", str(LINE_LENGTH), str(path)], check=True
+    )
+
+
+def _dump(nb: dict) -> str:
+    # nbformat's layout (indent 1, keys sorted, non-ASCII kept), as Jupyter writes it.
+    return json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def restyle(text: str) -> str:
+    """The notebook JSON ``text`` after all rules."""
+    nb = json.loads(text)
+    code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    for cell in code_cells[:3]:
+        figure_setup(cell)
+    for cell in code_cells:
+        nbval_comments_to_tags(cell)
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp) / "notebook.ipynb"
+        scratch.write_text(_dump(nb), encoding="utf-8")
+        ruff_format(scratch)
+        nb = json.loads(scratch.read_text(encoding="utf-8"))
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            hide_tags(cell)
+    return _dump(nb)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("notebooks", nargs="+", type=Path)
+    parser.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 if a notebook would change"
+    )
+    args = parser.parse_args(argv)
+    stale = []
+    for path in args.notebooks:
+        old = path.read_text(encoding="utf-8")
+        new = restyle(old)
+        if new == old:
+            continue
+        stale.append(path)
+        if not args.check:
+            path.write_text(new, encoding="utf-8")
+    verb = "would restyle" if args.check else "restyled"
+    for path in stale:
+        print(f"{verb} {path}")
+    if args.check and stale:
+        print(f"run: python tools/notebook_style.py {' '.join(map(str, stale))}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
