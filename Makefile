@@ -13,7 +13,7 @@ export PYTHONHASHSEED ?= 0
 # Notebook kernels read book/.ipython (keeps TensorFlow's C++ log lines out of stored outputs).
 export IPYTHONDIR := $(CURDIR)/book/.ipython
 
-.PHONY: help install data book test unit notebooks execute bench lint format clean
+.PHONY: help install data book test unit notebooks execute bench lint format format-notebooks clean
 
 help:
 	@echo "make book       create .venv, install dlnotes, generate the data set, build the HTML book into _build/html"
@@ -22,7 +22,8 @@ help:
 	@echo "make notebooks  nbval on the stored notebooks only"
 	@echo "make execute    re-run every notebook top to bottom and store its outputs"
 	@echo "make bench      run the benchmarks in benchmarks/"
-	@echo "make lint       ruff check + format check"
+	@echo "make lint       ruff check + format check (notebooks: tools/notebook_style.py --check)"
+	@echo "make format-notebooks  format notebook code to the text column, NBVAL tags, hide tags"
 
 # The venv is (re)built when pyproject.toml changes; a stamp file records a finished install.
 $(VENV)/.installed: pyproject.toml
@@ -68,12 +69,18 @@ bench: install data
 		|| echo "skipped retinanet_keras_hub.py: pip install -e '.[bench]' (keras-hub) to run it"
 
 lint: install
-	$(VENV)/bin/ruff check dlnotes tests benchmarks book
-	$(VENV)/bin/ruff format --check dlnotes tests benchmarks
+	$(VENV)/bin/ruff check dlnotes tests benchmarks book tools
+	$(VENV)/bin/ruff format --check dlnotes tests benchmarks tools
+	$(PY) tools/notebook_style.py --check $(NOTEBOOKS)
 
 format: install
-	$(VENV)/bin/ruff format dlnotes tests benchmarks
-	$(VENV)/bin/ruff check --fix dlnotes tests benchmarks
+	$(VENV)/bin/ruff format dlnotes tests benchmarks tools
+	$(VENV)/bin/ruff check --fix dlnotes tests benchmarks tools
+
+# Notebook sources only (outputs are kept): see tools/notebook_style.py for the rules. Re-execute a
+# notebook afterwards only if its figure set-up lines changed.
+format-notebooks: install
+	$(PY) tools/notebook_style.py $(NOTEBOOKS)
 
 clean:
 	rm -rf _build
