@@ -19,7 +19,12 @@ gives the same file. The rules, in the order they are applied:
    a 1280 px window sphinx-book-theme gives a code block 640 px of text (672 px less 2 x 16 px of
    padding) in a 14 px monospace font whose glyphs are 0.6 em wide (DejaVu Sans Mono, Menlo,
    SF Mono, Source Code Pro: 8.43 px), so 75 characters fit without a horizontal scroll bar.
-   Lines ruff cannot break (long strings, comments) are left to the author. The package keeps
+   ruff does not break strings or comments, so after it a line that is still too long is split
+   when it is a whole-line comment (re-wrapped at word boundaries) or a line holding one string
+   literal, e.g. an ``f"..."`` argument of ``print``, optionally ``keyword=f"..."`` (split at
+   spaces outside ``{}`` into implicitly concatenated literals, which is the same string; the
+   ``f`` prefix is kept only on pieces with a placeholder), and ruff runs again. Other long lines
+   (docstrings, trailing comments, long expressions) are left to the author. The package keeps
    its line length of 100 (``pyproject.toml``); ``make lint`` checks the notebooks with 75.
 
 3. **Long material is collapsed** with Jupyter Book's cell tags, so the prose leads and the code
@@ -52,6 +57,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 LINE_LENGTH = 75
@@ -141,6 +147,88 @@ def hide_tags(cell: dict) -> None:
         _add_tag(cell, "hide-input")
 
 
+_STRING_LINE = re.compile(
+    r'^(?P<indent>[ ]*)(?P<kw>\w+=)?(?P<f>f?)"(?P<body>(?:[^"\\]|\\.)*)"(?P<end>,?)$'
+)
+_COMMENT_LINE = re.compile(r"^(?P<indent>[ ]*)# (?P<text>.*)$")
+
+
+def _split_points(body: str, fstring: bool) -> list[int]:
+    """Indices just after a space of ``body`` that are outside ``{...}`` placeholders."""
+    points, depth, i = [], 0, 0
+    while i < len(body):
+        ch = body[i]
+        if fstring and body[i : i + 2] in ("{{", "}}") and depth == 0:
+            i += 2
+            continue
+        if fstring and ch == "{":
+            depth += 1
+        elif fstring and ch == "}":
+            depth -= 1
+        elif ch == " " and depth == 0 and 0 < i + 1 < len(body):
+            points.append(i + 1)
+        i += 1
+    return points
+
+
+def _split_string_line(line: str) -> list[str]:
+    """Rule 2: one too-long string-literal line -> implicitly concatenated pieces."""
+    match = _STRING_LINE.match(line)
+    if not match:
+        return [line]
+    indent, kw, prefix, body, end = match.group("indent", "kw", "f", "body", "end")
+    kw = kw or ""
+    pieces = []
+    lead = indent + kw
+    while len(lead) + len(prefix) + len(body) + 2 + len(end) > LINE_LENGTH:
+        room = LINE_LENGTH - len(lead) - len(prefix) - 2
+        fits = [p for p in _split_points(body, bool(prefix)) if p <= room]
+        if not fits:
+            break
+        head, body = body[: fits[-1]], body[fits[-1] :]
+        pieces.append(f'{lead}{prefix if "{" in head else ""}"{head}"')
+        lead = indent
+    if not pieces:
+        return [line]
+    pieces.append(f'{lead}{prefix if "{" in body else ""}"{body}"{end}')
+    return pieces
+
+
+def _wrap_comment_line(line: str) -> list[str]:
+    """Rule 2: one too-long whole-line comment -> the same words on several comment lines."""
+    match = _COMMENT_LINE.match(line)
+    if not match or "noqa" in line or "type:" in line:
+        return [line]
+    prefix = match.group("indent") + "# "
+    return textwrap.wrap(
+        match.group("text"),
+        LINE_LENGTH,
+        initial_indent=prefix,
+        subsequent_indent=prefix,
+        break_long_words=False,
+        break_on_hyphens=False,
+    ) or [line]
+
+
+def split_long_lines(cell: dict) -> bool:
+    """Rule 2, after ruff: split the long lines that ruff leaves. True if the source changed."""
+    source = _source(cell)
+    out = []
+    for line in source.split("\n"):
+        if len(line) > LINE_LENGTH:
+            pieces = _split_string_line(line)
+            if pieces == [line]:
+                pieces = _wrap_comment_line(line)
+            out.extend(pieces)
+        else:
+            out.append(line)
+    new = "\n".join(out)
+    if new != source:
+        _set_source(cell, new)
+        return True
+    return False
+
+
 def _ruff() -> str:
     candidate = Path(sys.executable).with_name("ruff")
     return str(candidate) if candidate.exists() else (shutil.which("ruff") or "ruff")
@@ -171,6 +259,11 @@ def restyle(text: str) -> str:
         scratch.write_text(_dump(nb), encoding="utf-8")
         ruff_format(scratch)
         nb = json.loads(scratch.read_text(encoding="utf-8"))
+        split = [split_long_lines(c) for c in nb["cells"] if c["cell_type"] == "code"]
+        if any(split):
+            scratch.write_text(_dump(nb), encoding="utf-8")
+            ruff_format(scratch)
+            nb = json.loads(scratch.read_text(encoding="utf-8"))
     for cell in nb["cells"]:
         if cell["cell_type"] == "code":
             hide_tags(cell)
