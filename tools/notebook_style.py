@@ -19,9 +19,11 @@ gives the same file. The rules, in the order they are applied:
    a 1280 px window sphinx-book-theme gives a code block 640 px of text (672 px less 2 x 16 px of
    padding) in a 14 px monospace font whose glyphs are 0.6 em wide (DejaVu Sans Mono, Menlo,
    SF Mono, Source Code Pro: 8.43 px), so 75 characters fit without a horizontal scroll bar.
-   ruff does not break strings or comments, so after it a line that is still too long is split
-   when it is a whole-line comment (re-wrapped at word boundaries) or a line holding one string
-   literal, e.g. an ``f"..."`` argument of ``print``, optionally ``keyword=f"..."`` (split at
+   ruff does not break strings or comments. Before ruff, a trailing comment that makes its line
+   too long is moved to a comment line of its own just above (ruff would otherwise wrap the code
+   in parentheses to make room for it). After ruff, a line that is still too long is split when
+   it belongs to a block of whole-line comments (the block is re-wrapped as one paragraph at word
+   boundaries) or holds one string literal, e.g. an ``f"..."`` argument of ``print``, optionally ``keyword=f"..."`` (split at
    spaces outside ``{}`` into implicitly concatenated literals, which is the same string; the
    ``f`` prefix is kept only on pieces with a placeholder), and ruff runs again. Other long lines
    (docstrings, trailing comments, long expressions) are left to the author. The package keeps
@@ -58,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import tokenize
 from pathlib import Path
 
 LINE_LENGTH = 75
@@ -194,34 +197,92 @@ def _split_string_line(line: str) -> list[str]:
     return pieces
 
 
-def _wrap_comment_line(line: str) -> list[str]:
-    """Rule 2: one too-long whole-line comment -> the same words on several comment lines."""
-    match = _COMMENT_LINE.match(line)
-    if not match or "noqa" in line or "type:" in line:
-        return [line]
-    prefix = match.group("indent") + "# "
-    return textwrap.wrap(
-        match.group("text"),
-        LINE_LENGTH,
-        initial_indent=prefix,
-        subsequent_indent=prefix,
-        break_long_words=False,
-        break_on_hyphens=False,
-    ) or [line]
+_CLOSING_ONLY = re.compile(r"^[ ]*[)\]}]+[,:]?[ ]*$")
+
+
+def hoist_trailing_comments(cell: dict) -> None:
+    """Rule 2, before ruff: a too-long line's trailing comment goes on its own line above it.
+
+    A trailing comment after a line of closing brackets only (what ruff makes of a too-long
+    trailing comment: the code wrapped in parentheses, the comment after the ``)``) goes above
+    the statement's first line, and ruff then joins the code again.
+    """
+    source = _source(cell)
+    lines = source.split("\n")
+    try:
+        tokens = list(tokenize.generate_tokens(iter(line + "\n" for line in lines).__next__))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return
+    moves = {}  # row of the comment (0-based) -> (its column, row to put it above)
+    for tok in tokens:
+        row, col = tok.start[0] - 1, tok.start[1]
+        if tok.type != tokenize.COMMENT or not lines[row][:col].strip() or row in moves:
+            continue
+        if _CLOSING_ONLY.match(lines[row][:col]):
+            depth = len(lines[row]) - len(lines[row].lstrip())
+            for above in range(row - 1, -1, -1):
+                text = lines[above]
+                if text.strip() and len(text) - len(text.lstrip()) == depth:
+                    moves[row] = (col, above)
+                    break
+        elif len(lines[row]) > LINE_LENGTH:
+            moves[row] = (col, row)
+    if not moves:
+        return
+    above = {}
+    for row, (col, target) in moves.items():
+        indent = lines[target][: len(lines[target]) - len(lines[target].lstrip())]
+        above.setdefault(target, []).append(indent + lines[row][col:])
+    out = []
+    for row, line in enumerate(lines):
+        out += above.get(row, [])
+        out.append(line[: moves[row][0]].rstrip() if row in moves else line)
+    _set_source(cell, "\n".join(out))
+
+
+def _wrap_comment_block(block: list[str], indent: str) -> list[str]:
+    """Rule 2: whole-line comments at one indent -> the same words re-wrapped as a paragraph."""
+    if all(len(line) <= LINE_LENGTH for line in block):
+        return block
+    words = " ".join(_COMMENT_LINE.match(line).group("text") for line in block)
+    prefix = indent + "# "
+    return (
+        textwrap.wrap(
+            words,
+            LINE_LENGTH,
+            initial_indent=prefix,
+            subsequent_indent=prefix,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        or block
+    )
 
 
 def split_long_lines(cell: dict) -> bool:
     """Rule 2, after ruff: split the long lines that ruff leaves. True if the source changed."""
     source = _source(cell)
-    out = []
+    out: list[str] = []
+    block: list[str] = []
+    block_indent = None
+
+    def flush():
+        nonlocal block, block_indent
+        if block:
+            out.extend(_wrap_comment_block(block, block_indent))
+        block, block_indent = [], None
+
     for line in source.split("\n"):
-        if len(line) > LINE_LENGTH:
-            pieces = _split_string_line(line)
-            if pieces == [line]:
-                pieces = _wrap_comment_line(line)
-            out.extend(pieces)
-        else:
-            out.append(line)
+        match = _COMMENT_LINE.match(line)
+        if match and "noqa" not in line and "type:" not in line:
+            if block and match.group("indent") != block_indent:
+                flush()
+            block.append(line)
+            block_indent = match.group("indent")
+            continue
+        flush()
+        out.extend(_split_string_line(line) if len(line) > LINE_LENGTH else [line])
+    flush()
     new = "\n".join(out)
     if new != source:
         _set_source(cell, new)
@@ -254,6 +315,7 @@ def restyle(text: str) -> str:
         figure_setup(cell)
     for cell in code_cells:
         nbval_comments_to_tags(cell)
+        hoist_trailing_comments(cell)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp) / "notebook.ipynb"
         scratch.write_text(_dump(nb), encoding="utf-8")
