@@ -13,10 +13,12 @@ export PYTHONHASHSEED ?= 0
 # Notebook kernels read book/.ipython (keeps TensorFlow's C++ log lines out of stored outputs).
 export IPYTHONDIR := $(CURDIR)/book/.ipython
 
-.PHONY: help install data book test unit notebooks execute bench lint format format-notebooks clean
+.PHONY: help install data book check-html test unit notebooks execute bench lint format format-notebooks clean
 
 help:
 	@echo "make book       create .venv, install dlnotes, generate the data set, build the HTML book into _build/html"
+	@echo "make check-html build the book, open every page in headless Chromium offline; fail on raw TeX,"
+	@echo "                broken links/images, error outputs, console errors (screenshots: _build/check-html)"
 	@echo "make test       unit tests, then every notebook through nbval"
 	@echo "make unit       unit tests only"
 	@echo "make notebooks  nbval on the stored notebooks only"
@@ -41,6 +43,16 @@ data: install
 book: install data
 	$(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going
 	@echo "The book is in _build/html/index.html"
+
+# The built book as a reader sees it: tools/check_html.py opens every page of _build/html as a file
+# in headless Chromium with all other requests blocked, writes a screenshot per page and a report to
+# _build/check-html, and fails on raw TeX, broken local links and images, error outputs and console
+# errors. Needs the check extra (Playwright, installed here) and a Chromium: Debian's package
+# (apt-get install chromium), found on PATH, or CHROMIUM=/path/to/chrome.
+CHROMIUM ?=
+check-html: book
+	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install --quiet -e ".[check]"
+	$(PY) tools/check_html.py --html _build/html --out _build/check-html $(if $(CHROMIUM),--chromium $(CHROMIUM))
 
 unit: install data
 	$(PY) -m pytest tests -q -n $(JOBS) --durations=15
