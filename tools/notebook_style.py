@@ -8,7 +8,10 @@ Usage::
 Only sources and cell tags change; outputs are left as they are, so a notebook needs no
 re-execution after this pass unless the figure-setup rule (4) changed its first code cells (the
 stored figures then still have the old style until it is re-executed). Running the pass twice
-gives the same file. The rules, in the order they are applied:
+gives the same file. What the pass cannot fix is listed on stderr (it does not change the exit
+status): code lines still over the line length, and stored figures wider than the text column
+(``<Figure size WxH ...>`` with W > ``COLUMN_PX`` at 72 dpi: give them a figsize of at most 10 in,
+then re-execute). The rules, in the order they are applied:
 
 1. **nbval markers become cell tags.** A comment line ``# NBVAL_IGNORE_OUTPUT`` (likewise
    ``NBVAL_SKIP``, ``NBVAL_CHECK_OUTPUT``, ``NBVAL_RAISES_EXCEPTION``) is removed from the source
@@ -68,6 +71,8 @@ LONG_OUTPUT = 30
 TRAINING_LOG = 3
 LONG_FIGURE_SOURCE = 30
 OPT_OUT_TAG = "no-auto-hide"
+COLUMN_PX = 740  # the book's text column at a 1280 px window
+_FIGURE_SIZE = re.compile(r"<Figure size ([0-9.]+)x([0-9.]+) with")
 
 _NBVAL_COMMENT = re.compile(
     r"^[ \t]*#[ \t]*(NBVAL_IGNORE_OUTPUT|NBVAL_CHECK_OUTPUT|NBVAL_RAISES_EXCEPTION|NBVAL_SKIP)"
@@ -332,6 +337,24 @@ def restyle(text: str) -> str:
     return _dump(nb)
 
 
+def leftovers(text: str) -> list[str]:
+    """What the rules leave for the author: long code lines, figures wider than the column."""
+    notes = []
+    code_cells = [c for c in json.loads(text)["cells"] if c["cell_type"] == "code"]
+    for number, cell in enumerate(code_cells, 1):
+        for line in _source(cell).splitlines():
+            if len(line) > LINE_LENGTH:
+                notes.append(f"code cell {number}: line of {len(line)} characters: {line.strip()}")
+        for out in cell.get("outputs", []):
+            plain = out.get("data", {}).get("text/plain", "")
+            match = _FIGURE_SIZE.search("".join(plain) if isinstance(plain, list) else plain)
+            if match and float(match.group(1)) > COLUMN_PX:
+                notes.append(
+                    f"code cell {number}: figure {match.group(0)[:-5]} wider than the column"
+                )
+    return notes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="+", type=Path)
@@ -343,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.notebooks:
         old = path.read_text(encoding="utf-8")
         new = restyle(old)
+        for note in leftovers(new):
+            print(f"{path}: {note}", file=sys.stderr)
         if new == old:
             continue
         stale.append(path)
