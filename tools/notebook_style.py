@@ -349,9 +349,8 @@ def leftovers(text: str) -> list[str]:
             plain = out.get("data", {}).get("text/plain", "")
             match = _FIGURE_SIZE.search("".join(plain) if isinstance(plain, list) else plain)
             if match and float(match.group(1)) > COLUMN_PX:
-                notes.append(
-                    f"code cell {number}: figure {match.group(0)[:-5]} wider than the column"
-                )
+                width, height = match.groups()
+                notes.append(f"code cell {number}: figure {width} x {height} px, over {COLUMN_PX}")
     return notes
 
 
