@@ -11,7 +11,7 @@ stored figures then still have the old style until it is re-executed). Running t
 gives the same file. What the pass cannot fix is listed on stderr (it does not change the exit
 status): code lines still over the line length, and stored figures wider than the text column
 (``<Figure size WxH ...>`` with W > ``COLUMN_PX`` at 72 dpi: give them a figsize of at most 10 in,
-then re-execute). The rules, in the order they are applied:
+then re-execute). The rules:
 
 1. **nbval markers become cell tags.** A comment line ``# NBVAL_IGNORE_OUTPUT`` (likewise
    ``NBVAL_SKIP``, ``NBVAL_CHECK_OUTPUT``, ``NBVAL_RAISES_EXCEPTION``) is removed from the source
@@ -26,9 +26,10 @@ then re-execute). The rules, in the order they are applied:
    too long is moved to a comment line of its own just above (ruff would otherwise wrap the code
    in parentheses to make room for it). After ruff, a line that is still too long is split when
    it belongs to a block of whole-line comments (the block is re-wrapped as one paragraph at word
-   boundaries) or holds one string literal, e.g. an ``f"..."`` argument of ``print``, optionally ``keyword=f"..."`` (split at
-   spaces outside ``{}`` into implicitly concatenated literals, which is the same string; the
-   ``f`` prefix is kept only on pieces with a placeholder), and ruff runs again. Other long lines
+   boundaries) or holds one string literal, e.g. an ``f"..."`` argument of ``print``, optionally
+   ``keyword=f"..."`` (split at spaces outside ``{}`` into implicitly concatenated literals,
+   which is the same string; the ``f`` prefix is kept only on pieces with a placeholder), and
+   ruff runs again. Other long lines
    (docstrings, trailing comments, long expressions) are left to the author. The package keeps
    its line length of 100 (``pyproject.toml``); ``make lint`` checks the notebooks with 75.
 
