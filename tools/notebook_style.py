@@ -3,7 +3,7 @@
 Usage::
 
     python tools/notebook_style.py book/00_*.ipynb          # rewrite in place
-    python tools/notebook_style.py --check book/*.ipynb     # exit 1 if a rewrite would change a file
+    python tools/notebook_style.py --check book/*.ipynb     # exit 1 if a file would change
 
 Only sources and cell tags change; outputs are left as they are, so a notebook needs no
 re-execution after this pass unless the figure-setup rule (4) changed its first code cells (the
