@@ -426,9 +426,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     chromium = find_chromium(args.chromium)
 
-    for old in args.out.rglob("*.png") if args.out.is_dir() else []:
-        old.unlink()
-    args.out.mkdir(parents=True, exist_ok=True)
     server = serve(args.html) if args.serve else None
     if server is not None:
         host, port = server.server_address[:2]
@@ -456,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         print(f"check-html: {len(pages)} pages, Chromium {browser.version}, {mode}", flush=True)
+        # The browser runs: replace the previous run's screenshots (not before, so a failed start
+        # leaves them in place).
+        for old in args.out.rglob("*.png") if args.out.is_dir() else []:
+            old.unlink()
+        args.out.mkdir(parents=True, exist_ok=True)
         reports = []
         for page_path in pages:
             reports.append(check_page(browser, book, page_path, args.out, args.timeout))
