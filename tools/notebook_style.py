@@ -10,8 +10,9 @@ re-execution after this pass unless the figure-setup rule (4) changed its first 
 stored figures then still have the old style until it is re-executed). Running the pass twice
 gives the same file. What the pass cannot fix is listed on stderr (it does not change the exit
 status): code lines still over the line length, and stored figures wider than the text column
-(``<Figure size WxH ...>`` with W > ``COLUMN_PX`` at 72 dpi, which the book scales down: give
-them a figsize of at most 9.4 in, or 10 in where the layout needs it, then re-execute). The rules:
+(``<Figure size WxH ...>`` with W > ``COLUMN_PX`` = 720 at 72 dpi: give them a figsize of at most
+10 in, 9.4 in where the layout allows (not scaled at all in the 676 px output area), then
+re-execute). The rules:
 
 1. **nbval markers become cell tags.** A comment line ``# NBVAL_IGNORE_OUTPUT`` (likewise
    ``NBVAL_SKIP``, ``NBVAL_CHECK_OUTPUT``, ``NBVAL_RAISES_EXCEPTION``) is removed from the source
@@ -72,7 +73,9 @@ LONG_OUTPUT = 30
 TRAINING_LOG = 3
 LONG_FIGURE_SOURCE = 30
 OPT_OUT_TAG = "no-auto-hide"
-COLUMN_PX = 676  # a cell's output area in the 740 px text column at a 1280 px window
+# Widest stored figure: 10 in at 72 dpi. A cell's output area in the 740 px text column (1280 px
+# window) is 676 px, so a 10 in figure is shown at 94 %: 11 pt text at 10.4 px.
+COLUMN_PX = 720
 _FIGURE_SIZE = re.compile(r"<Figure size ([0-9.]+)x([0-9.]+) with")
 
 _NBVAL_COMMENT = re.compile(
