@@ -40,7 +40,8 @@ re-execute). The rules:
    * ``hide-output`` on a cell that prints a source listing (its source calls
      ``inspect.getsource``) of at least ``LONG_OUTPUT`` (30) lines of text and shows no figure;
    * ``hide-output`` on a training cell (its source calls ``.fit(``) that prints at least
-     ``TRAINING_LOG`` (3) lines: the training logs;
+     ``TRAINING_LOG`` (3) lines, or that prints at least that many log lines of
+     :class:`dlnotes.training.EpochLog` (``step   200: loss ...``): the training logs;
    * ``hide-input`` on a cell of at least ``LONG_FIGURE_SOURCE`` (30) formatted source lines whose
      outputs are figures only: diagram and plot drawing code.
 
@@ -141,6 +142,15 @@ def _text_lines(cell: dict) -> int:
     return count
 
 
+_LOG_LINE = re.compile(r"^step +\d+: loss ", re.MULTILINE)
+
+
+def _log_lines(cell: dict) -> int:
+    """Lines of ``dlnotes.training.EpochLog`` (``step   200: loss ...``) in the text outputs."""
+    texts = (out.get("text", "") for out in cell.get("outputs", []))
+    return sum(len(_LOG_LINE.findall("".join(t) if isinstance(t, list) else t)) for t in texts)
+
+
 def _has_figure(cell: dict) -> bool:
     return any("image/png" in out.get("data", {}) for out in cell.get("outputs", []))
 
@@ -154,6 +164,8 @@ def hide_tags(cell: dict) -> None:
     if "inspect.getsource" in source and lines >= LONG_OUTPUT and not _has_figure(cell):
         _add_tag(cell, "hide-output")
     if ".fit(" in source and lines >= TRAINING_LOG:
+        _add_tag(cell, "hide-output")
+    if _log_lines(cell) >= TRAINING_LOG:
         _add_tag(cell, "hide-output")
     if len(source.splitlines()) >= LONG_FIGURE_SOURCE and _has_figure(cell) and lines == 0:
         _add_tag(cell, "hide-input")
