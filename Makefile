@@ -76,6 +76,7 @@ bench: install data
 	$(PY) benchmarks/roi_pooling.py --repeats 3
 	$(PY) benchmarks/faster_rcnn.py --repeats 3
 	$(PY) benchmarks/keypoint.py --repeats 3
+	$(PY) benchmarks/cpu_step_time.py
 	$(PY) benchmarks/book_times.py
 	@$(PY) -c "import keras_hub" 2>/dev/null && $(PY) benchmarks/retinanet_keras_hub.py \
 		|| echo "skipped retinanet_keras_hub.py: pip install -e '.[bench]' (keras-hub) to run it"
