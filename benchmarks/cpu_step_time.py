@@ -37,7 +37,7 @@ def compiled(train, jit, size, batch):
     )
     recipe = Recipe(steps=1000, batch_size=batch, warmup_steps=10, jit_compile=jit)
     model.compile(optimizer=make_optimizer(recipe), jit_compile=jit)
-    batches = iter(training_batches(train, recipe, (size, size)))
+    batches = iter(training_batches(train, recipe, model))
     start = time.perf_counter()
     for _ in range(5):
         model.train_on_batch(*next(batches))

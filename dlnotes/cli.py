@@ -382,8 +382,7 @@ def prepare_training(settings, epochs, data, strategy):
         keras.utils.set_random_seed(settings["seed"])
         model = build_detector(settings, data)
         model.compile(optimizer=training.make_optimizer(recipe), jit_compile=recipe.jit_compile)
-    with_keypoints = "keypoints" in model.target_keys
-    batches = training.training_batches(data, recipe, model.image_size, with_keypoints)
+    batches = training.training_batches(data, recipe, model)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         options = tf.data.Options()  # shard the images (one source, not files)
         options.experimental_distribute.auto_shard_policy = (
@@ -684,17 +683,18 @@ def predict_command(args):
 
     output.mkdir(parents=True, exist_ok=True)
     label_of = {c: k for k, c in enumerate(category_ids)}
+    per_image = {image_id: [] for image_id in image_ids}
+    for detection in detections:
+        per_image[detection["image_id"]].append(detection)
+    entries = []
     for path, image_id, target in zip(paths, image_ids, drawn, strict=True):
-        mine = [d for d in detections if d["image_id"] == image_id]
         image = _load_image(str(path)).numpy()
-        _draw(image, mine, label_of, class_names, target, args.score_threshold, args.overwrite)
+        _draw(image, per_image[image_id], label_of, class_names, target, args.score_threshold,
+              args.overwrite)  # fmt: skip
+        entries.append({"id": image_id, "file_name": path.name, "height": image.shape[0],
+                        "width": image.shape[1]})  # fmt: skip
     _write_json(output / "detections.json", detections, args.overwrite)
     if data is None:
-        entries = []
-        for path, image_id in zip(paths, image_ids, strict=True):
-            height, width = _load_image(str(path)).shape[:2]
-            entries.append({"id": image_id, "file_name": path.name, "height": int(height),
-                            "width": int(width)})  # fmt: skip
         _write_json(output / "images.json", entries, args.overwrite)
     print(f"{len(detections)} detections on {len(paths)} images: {output}/detections.json and "
           f"{len(drawn)} drawn images (score >= {args.score_threshold}) in {output}")  # fmt: skip

@@ -133,21 +133,23 @@ class EpochLog(keras.callbacks.Callback):
                       f"{elapsed:.0f} s")  # fmt: skip
 
 
-def training_batches(dataset, recipe: Recipe, image_size, with_keypoints: bool = False):
-    """The seeded, shuffled, flipped, repeated ``tf.data`` pipeline of ``recipe`` for ``dataset``.
+def training_batches(dataset, recipe: Recipe, detector):
+    """The seeded, shuffled, flipped, repeated ``tf.data`` pipeline of ``recipe`` for ``detector``.
 
     ``dataset`` is a :class:`~dlnotes.data.CocoDataset`; batches are ``(images (B, H, W, 3),
-    {"boxes": (B, M, 4) xyxy, "labels": (B, M)[, "keypoints": (B, M, K, 3)]})``.
+    {"boxes": (B, M, 4) xyxy, "labels": (B, M)[, "keypoints": (B, M, K, 3)]})`` at
+    ``recipe.image_size`` (default the detector's ``image_size``), with keypoints when the
+    detector's ``target_keys`` ask for them.
     """
     return dataset.to_tf_dataset(
         batch_size=recipe.batch_size,
-        image_size=tuple(image_size),
+        image_size=tuple(recipe.image_size or detector.image_size),
         horizontal_flip=recipe.horizontal_flip,
         shuffle=True,
         seed=recipe.seed,
         drop_remainder=True,
         repeat=True,
-        with_keypoints=with_keypoints,
+        with_keypoints="keypoints" in getattr(detector, "target_keys", ()),
     )
 
 
@@ -165,10 +167,8 @@ def train(detector, dataset, recipe: Recipe, callbacks=(), log: bool = True, bat
     Returns:
         The ``keras.callbacks.History``: one entry per ``log_every`` steps.
     """
-    image_size = recipe.image_size or detector.image_size
     if batches is None:
-        with_keypoints = "keypoints" in getattr(detector, "target_keys", ())
-        batches = training_batches(dataset, recipe, image_size, with_keypoints)
+        batches = training_batches(dataset, recipe, detector)
     detector.compile(optimizer=make_optimizer(recipe), jit_compile=recipe.jit_compile)
     callbacks = list(callbacks)
     if log:

@@ -642,24 +642,12 @@ class CocoDataset:
             )
             with tf.control_dependencies([size_check]):
                 image = tf.identity(image)
-            image_boxes, image_kps = item["boxes"], item.get("keypoints")
-            flipped = tf.constant(False)
-            if horizontal_flip:
-                pair = tf.stack([tf.constant(seed_value, tf.int64), random_value])
-                image, image_boxes, image_kps, flipped = transforms.random_horizontal_flip(
-                    image, image_boxes, image_kps, flip_pairs, seed=pair
-                )
-            if image_size is None:
-                image = tf.cast(image, tf.float32)
-                scale, offset = tf.ones([2], tf.float32), tf.zeros([2], tf.float32)
-            elif resize == "letterbox":
-                image, image_boxes, image_kps, scale, offset = transforms.letterbox(
-                    image, image_boxes, (out_h, out_w), image_kps
-                )
-            else:
-                image, image_boxes, image_kps, scale, offset = transforms.resize(
-                    image, image_boxes, (out_h, out_w), image_kps
-                )
+            size = None if image_size is None else (out_h, out_w)
+            image, image_boxes, image_kps, scale, offset, flipped = transforms.flip_and_resize(
+                image, item["boxes"], item.get("keypoints"), random_value, seed=seed_value,
+                horizontal_flip=horizontal_flip, size=size, resize_mode=resize,
+                flip_pairs=flip_pairs,
+            )  # fmt: skip
             image = tf.ensure_shape(image, [out_h, out_w, 3])
             targets = {"boxes": image_boxes, "labels": item["labels"]}
             if image_kps is not None:
@@ -680,11 +668,4 @@ class CocoDataset:
             ds = ds.shuffle(len(self.records), seed=seed_value, reshuffle_each_iteration=True)
         if repeat:
             ds = ds.repeat()
-        # One random int64 per element from a seeded stream that is redrawn every epoch: the
-        # flips are deterministic given `seed`, yet differ between epochs (and stay independent
-        # of how the parallel map is scheduled, as the stateless flip depends on it alone).
-        randomness = tf.data.Dataset.random(seed=seed_value, rerandomize_each_iteration=True)
-        ds = tf.data.Dataset.zip(randomness, ds)
-        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
-        return ds.prefetch(tf.data.AUTOTUNE)
+        return transforms.seeded_batches(ds, load, seed_value, batch_size, drop_remainder)

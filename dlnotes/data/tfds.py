@@ -173,7 +173,6 @@ def to_tf_dataset(
     max_boxes = positive_int(max_boxes, "max_boxes", "dlnotes.data.tfds.to_tf_dataset")
     out_h, out_w = transforms._target_size(image_size)
     seed_value = int(seed)
-    resize_fn = transforms.letterbox if resize == "letterbox" else transforms.resize
 
     def load(random_value, indexed):
         index, example = indexed
@@ -182,12 +181,10 @@ def to_tf_dataset(
         boxes = _padded(boxes, max_boxes, image_id)
         labels = _padded(labels, max_boxes, image_id)
         original_size = tf.shape(image)[:2]
-        flipped = tf.constant(False)
-        if horizontal_flip:
-            pair = tf.stack([tf.constant(seed_value, tf.int64), random_value])
-            image, boxes, _, flipped = transforms.random_horizontal_flip(image, boxes, seed=pair)
-        image, boxes, _, scale, offset = resize_fn(image, boxes, (out_h, out_w))
-        image = tf.ensure_shape(image, [out_h, out_w, 3])
+        image, boxes, _, scale, offset, flipped = transforms.flip_and_resize(
+            image, boxes, None, random_value, seed=seed_value, horizontal_flip=horizontal_flip,
+            size=(out_h, out_w), resize_mode=resize,
+        )  # fmt: skip
         targets = {"boxes": boxes, "labels": labels}
         if not with_meta:
             return image, targets
@@ -205,10 +202,4 @@ def to_tf_dataset(
         ds = ds.shuffle(shuffle_buffer, seed=seed_value, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    # As in CocoDataset.to_tf_dataset: one random int64 per element from a seeded stream redrawn
-    # every epoch decides the flip, whatever the parallel map's schedule.
-    randomness = tf.data.Dataset.random(seed=seed_value, rerandomize_each_iteration=True)
-    ds = tf.data.Dataset.zip(randomness, ds)
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return transforms.seeded_batches(ds, load, seed_value, batch_size, drop_remainder)

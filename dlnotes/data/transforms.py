@@ -36,6 +36,8 @@ __all__ = [
     "undo_letterbox",
     "undo_letterbox_keypoints",
     "keypoint_flip_pairs",
+    "flip_and_resize",
+    "seeded_batches",
 ]
 
 
@@ -339,3 +341,56 @@ def keypoint_flip_pairs(names: Sequence[str]) -> tuple[tuple[int, int], ...]:
             if partner in lowered:
                 pairs.append((i, lowered.index(partner)))
     return tuple(pairs)
+
+
+def flip_and_resize(
+    image: tf.Tensor,
+    boxes: tf.Tensor,
+    keypoints: tf.Tensor | None,
+    random_value: tf.Tensor,
+    *,
+    seed: int,
+    horizontal_flip: bool,
+    size: tuple[int, int] | None,
+    resize_mode: str = "letterbox",
+    flip_pairs: Sequence[Sequence[int]] | None = None,
+):
+    """One training example's augmentation: a seeded random flip, then the resize to ``size``.
+
+    The flip (probability 1/2) is decided by the stateless RNG seeded with ``(seed,
+    random_value)``, ``random_value`` being the example's draw from :func:`seeded_batches`'
+    stream; ``size`` ``(height, width)`` is reached by :func:`letterbox` or :func:`resize`
+    (``resize_mode``), or ``None`` keeps the image as it is.
+
+    Returns:
+        ``(image float32 (H, W, 3), boxes (M, 4) xyxy, keypoints or None, scale (2,), offset (2,),
+        flipped ())`` with ``output = original * scale + offset`` in ``(x, y)`` order.
+    """
+    flipped = tf.constant(False)
+    if horizontal_flip:
+        pair = tf.stack([tf.constant(seed, tf.int64), random_value])
+        image, boxes, keypoints, flipped = random_horizontal_flip(
+            image, boxes, keypoints, flip_pairs, seed=pair
+        )
+    if size is None:
+        image = tf.cast(image, tf.float32)
+        scale, offset = tf.ones([2], tf.float32), tf.zeros([2], tf.float32)
+    else:
+        resize_fn = letterbox if resize_mode == "letterbox" else resize
+        image, boxes, keypoints, scale, offset = resize_fn(image, boxes, size, keypoints)
+        image = tf.ensure_shape(image, [*size, 3])
+    return image, boxes, keypoints, scale, offset, flipped
+
+
+def seeded_batches(
+    elements: tf.data.Dataset, load, seed: int, batch_size: int, drop_remainder: bool
+) -> tf.data.Dataset:
+    """``elements`` (already shuffled / repeated) mapped by ``load(random_value, element)`` and
+    batched, with one random int64 per element from a stream seeded by ``seed`` and redrawn
+    every epoch: the random flips of :func:`flip_and_resize` are deterministic given ``seed``,
+    differ between epochs, and do not depend on how the parallel map is scheduled."""
+    randomness = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    ds = tf.data.Dataset.zip(randomness, elements)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
+    return ds.prefetch(tf.data.AUTOTUNE)
