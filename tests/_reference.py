@@ -209,6 +209,20 @@ def start_script(script):
     )
 
 
+def script_beside_tests(request, test_name, script):
+    """A fixture body (``yield from``): starts ``script`` (:func:`start_script`) at setup when the
+    test ``test_name`` is selected, so that it runs beside the other tests, yields the process
+    (``None`` when the test is not selected) and kills it at teardown if it still runs."""
+    if not any(item.name == test_name for item in request.session.items):
+        yield None
+        return
+    process = start_script(script)
+    yield process
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
+
+
 def script_result(process, timeout=300):
     """The JSON object a started script printed on its last line (its stderr if it failed)."""
     try:

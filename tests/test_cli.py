@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
-from _reference import script_result, start_script
+from _reference import script_beside_tests, script_result
 
 from dlnotes import cli
 from dlnotes.data import CocoDataset, generate_shapes_dataset
@@ -291,15 +291,8 @@ print(json.dumps({"replicas": mirrored.num_replicas_in_sync, "single": single, "
 def mirrored_run(request, files):
     """Starts the two-replica script at module setup (when its test is selected), so that it runs
     beside the other tests."""
-    if not any(item.name == "test_two_replicas_match_one_device" for item in request.session.items):
-        yield None
-        return
     script = f"ANNOTATIONS = {str(files['train_annotations'])!r}\n" + textwrap.dedent(REPLICAS)
-    process = start_script(script)
-    yield process
-    if process.poll() is None:
-        process.kill()
-        process.communicate()
+    yield from script_beside_tests(request, "test_two_replicas_match_one_device", script)
 
 
 def test_two_replicas_match_one_device(mirrored_run):

@@ -15,8 +15,8 @@ import test_centerness as centernet  # CenterNet's gaussian_radius / draw_umich_
 from _reference import (
     check_replicas_match_one_device,
     detector_replicas_script,
+    script_beside_tests,
     script_result,
-    start_script,
 )
 
 from dlnotes.data import CocoDataset
@@ -662,9 +662,6 @@ def test_jit_compiled_training_matches_graph_training():
 @pytest.fixture(scope="module", autouse=True)
 def mirrored_run(request):
     """Starts the two-replica script at module setup (when its test is selected)."""
-    if not any(item.name == "test_two_replicas_match_one_device" for item in request.session.items):
-        yield None
-        return
     kwargs = {**PRESETS["keypoint_tiny_256"], **SLIM, "num_classes": 3, "num_keypoints": K,
               "image_size": [64, 64]}  # fmt: skip
     script = detector_replicas_script("dlnotes.models.keypoint:KeypointDetector", kwargs)
@@ -681,11 +678,7 @@ def mirrored_run(request):
         "\n    kp[labels < 0] = -1"
         '\n    y["keypoints"] = kp',
     )
-    process = start_script(script)
-    yield process
-    if process.poll() is None:
-        process.kill()
-        process.communicate()
+    yield from script_beside_tests(request, "test_two_replicas_match_one_device", script)
 
 
 def test_two_replicas_match_one_device(mirrored_run):

@@ -13,8 +13,8 @@ from _reference import (
     check_replicas_match_one_device,
     detector_replicas_script,
     np_iou,
+    script_beside_tests,
     script_result,
-    start_script,
 )
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -711,15 +711,12 @@ def test_parameter_count_matches_torchvision():
 def mirrored_run(request):
     """Starts the two-replica script at module setup (when its test is selected), so that it runs
     beside the other tests."""
-    if not any(item.name == "test_two_replicas_match_one_device" for item in request.session.items):
-        yield None
-        return
     kwargs = {**PRESETS["retinanet_tiny_256"], "num_classes": 3, "image_size": [64, 64], **SLIM}
-    process = start_script(detector_replicas_script("dlnotes.models.retinanet:RetinaNet", kwargs))
-    yield process
-    if process.poll() is None:
-        process.kill()
-        process.communicate()
+    yield from script_beside_tests(
+        request,
+        "test_two_replicas_match_one_device",
+        detector_replicas_script("dlnotes.models.retinanet:RetinaNet", kwargs),
+    )
 
 
 def test_two_replicas_match_one_device(mirrored_run):
