@@ -322,8 +322,34 @@ def test_default_data_dir_finds_repository_data(tmp_path, monkeypatch):
     (tmp_path / "book").mkdir()
     monkeypatch.chdir(tmp_path / "book")
     assert default_data_dir() == tmp_path.resolve() / "data" / "shapes"
+    assert default_data_dir("easy") == tmp_path.resolve() / "data" / "shapes_easy"
     monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path / "elsewhere"))
     assert default_data_dir() == tmp_path / "elsewhere"
+    assert default_data_dir("easy") == tmp_path / "elsewhere_easy"
+    with pytest.raises(ValueError, match="variant 'hard'"):
+        default_data_dir("hard")
+
+
+def test_easy_variant_has_fewer_larger_objects_on_smaller_images(tmp_path):
+    paths = generate_shapes_dataset(tmp_path / "easy", num_train=40, num_val=2, variant="easy")
+    coco = json.loads(paths["train_annotations"].read_text())
+    assert {(im["width"], im["height"]) for im in coco["images"]} == {(128, 128)}
+    per_image = np.bincount([a["image_id"] for a in coco["annotations"]], minlength=41)[1:]
+    assert per_image.min() >= 1 and per_image.max() == 4
+    longer_sides = np.array([max(a["bbox"][2:]) for a in coco["annotations"]])
+    assert longer_sides.min() >= 12.0 - 0.01 and longer_sides.max() <= 0.8 * 128 + 0.01
+    manifest = json.loads(paths["manifest"].read_text())
+    assert manifest["config"]["variant"] == "easy"
+    assert manifest["render"] == {"min_size": 12.0, "max_clutter": 2, "noise_std": 4.0}
+    # the variant is part of the data set's identity: a standard request does not reuse it
+    with pytest.raises(FileExistsError, match="different config"):
+        generate_shapes_dataset(tmp_path / "easy", num_train=40, num_val=2, image_size=128)
+    with pytest.raises(ValueError, match="unknown shapes variant 'hard'"):
+        generate_shapes_dataset(tmp_path / "hard", variant="hard")
+    # the standard variant's config (and so its manifest) is what it was before variants
+    standard = generate_shapes_dataset(tmp_path / "std", num_train=1, num_val=1, image_size=32)
+    config = json.loads(standard["manifest"].read_text())["config"]
+    assert "variant" not in config and config["max_objects"] == 8
 
 
 def test_load_shapes_generates_once_and_never_regenerates(tmp_path, monkeypatch):
@@ -332,9 +358,9 @@ def test_load_shapes_generates_once_and_never_regenerates(tmp_path, monkeypatch)
     calls = []
     real = shapes.generate_shapes_dataset
 
-    def tiny(root):  # the default set is large; the logic under test is the same
-        calls.append(root)
-        return real(root, num_train=3, num_val=2, image_size=64, max_objects=3)
+    def tiny(root, variant):  # the default set is large; the logic under test is the same
+        calls.append((root, variant))
+        return real(root, num_train=3, num_val=2, image_size=64, max_objects=3, variant=variant)
 
     monkeypatch.setattr(shapes, "generate_shapes_dataset", tiny)
     root = tmp_path / "shapes"
@@ -343,7 +369,9 @@ def test_load_shapes_generates_once_and_never_regenerates(tmp_path, monkeypatch)
     manifest_time = (root / "manifest.json").stat().st_mtime_ns
     train = shapes.load_shapes("train", root=root)
     assert len(train) == 3
-    assert calls == [root]  # second call loads what is there
+    assert calls == [(root, "standard")]  # second call loads what is there
     assert (root / "manifest.json").stat().st_mtime_ns == manifest_time
     with pytest.raises(ValueError, match="split"):
         shapes.load_shapes("test", root=root)
+    easy = shapes.load_shapes("val", root=tmp_path / "easy", variant="easy")
+    assert calls[-1] == (tmp_path / "easy", "easy") and len(easy) == 2
