@@ -15,6 +15,8 @@ One module per idea, each used by every model of the book:
 * :mod:`dlnotes.models` — the detectors (RetinaNet, YOLOv3, EfficientDet, Faster R-CNN, the keypoint model)
 * :mod:`dlnotes.data` — the synthetic shapes data set, COCO JSON to ``tf.data``, transforms
 * :mod:`dlnotes.evaluation` — COCO mAP with pycocotools, and AP spelled out
+* :mod:`dlnotes.training` — the book's one training recipe (AdamW, warm-up, cosine decay, clipping)
+* :mod:`dlnotes.comparison` — the five detectors side by side: the line-up and their anatomy
 * :mod:`dlnotes.flops` — multiply-adds of a forward pass, and the machine's matmul rate
 * :mod:`dlnotes.saving` — saving / loading models without overwriting, with clear file errors
 * :mod:`dlnotes.checks` — argument checks and the in-graph input checks of the detectors
@@ -26,6 +28,7 @@ from dlnotes import (
     backbones,
     boxes,
     centerness,
+    comparison,
     darknet_io,
     data,
     evaluation,
@@ -37,6 +40,7 @@ from dlnotes import (
     postprocess,
     roi,
     saving,
+    training,
     viz,
 )
 
@@ -48,6 +52,7 @@ __all__ = [
     "backbones",
     "boxes",
     "centerness",
+    "comparison",
     "darknet_io",
     "data",
     "evaluation",
@@ -59,5 +64,6 @@ __all__ = [
     "postprocess",
     "roi",
     "saving",
+    "training",
     "viz",
 ]
