@@ -13,7 +13,7 @@ export PYTHONHASHSEED ?= 0
 # Notebook kernels read book/.ipython (keeps TensorFlow's C++ log lines out of stored outputs).
 export IPYTHONDIR := $(CURDIR)/book/.ipython
 
-.PHONY: help install data book check-html test unit notebooks execute bench lint format format-notebooks clean
+.PHONY: help install data book check-html test unit notebooks execute bench side-by-side lint format format-notebooks clean
 
 help:
 	@echo "make book       create .venv, install dlnotes, generate the data set, build the HTML book into _build/html"
@@ -24,6 +24,8 @@ help:
 	@echo "make notebooks  nbval on the stored notebooks only"
 	@echo "make execute    re-run every notebook top to bottom and store its outputs"
 	@echo "make bench      run the benchmarks in benchmarks/"
+	@echo "make side-by-side  train the five detectors for chapter 8 (about 35 min on 2 cores) into"
+	@echo "                $(SIDE_BY_SIDE), which must not hold their files yet"
 	@echo "make lint       ruff check + format check (notebooks: tools/notebook_style.py --check)"
 	@echo "make format-notebooks  format notebook code to the text column, NBVAL tags, hide tags"
 
@@ -70,6 +72,14 @@ execute: install data
 		(cd book && ../$(VENV)/bin/jupyter execute --inplace --timeout=1800 \
 			--kernel_name=python3 $$(basename $$nb)) || exit 1; \
 	done
+
+# Chapter 8 loads the five detectors this trains (weights, learning curves); the script refuses to
+# overwrite, so move the old files away first.
+SIDE_BY_SIDE := book/side_by_side
+side-by-side: install data
+	mkdir -p $(SIDE_BY_SIDE)
+	$(PY) benchmarks/time_to_ap50.py --model RetinaNet YOLOv3 EfficientDet "Faster R-CNN" Keypoint \
+		--save $(SIDE_BY_SIDE) --json $(SIDE_BY_SIDE)/training.json --png benchmarks/time_to_ap50.png
 
 bench: install data
 	$(PY) benchmarks/iou_matching.py

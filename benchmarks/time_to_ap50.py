@@ -7,7 +7,8 @@ preset of its chapter), trains it with the book's recipe (:mod:`dlnotes.training
 (``--variant``, at ``--size`` px), and evaluates COCO box AP / AP50 on the validation split every
 ``--every`` steps. The wall time counts training only (the evaluations are paused out), tracing
 included. It prints one row per evaluation and the first step and time at which AP50 passed 0.1,
-0.3 and 0.5; ``--png`` draws the curve, ``--json`` stores the rows.
+0.3 and 0.5; ``--png`` draws the curve, ``--json`` stores the rows, ``--save`` the weights
+(chapter 8 loads them from ``book/side_by_side``).
 
     python benchmarks/time_to_ap50.py --model RetinaNet [--variant standard --size 256]
         [--steps 600 --batch 8 --lr 3e-3 --every 100] [--png curve.png] [--json rows.json]
@@ -28,7 +29,7 @@ from dlnotes import training
 from dlnotes.comparison import LINEUP, build_detector
 from dlnotes.data.shapes import load_shapes
 from dlnotes.evaluation import evaluate_detector
-from dlnotes.saving import save_model
+from dlnotes.saving import writing
 
 
 class EvaluateEvery(keras.callbacks.Callback):
@@ -78,8 +79,19 @@ def main():
     parser.add_argument("--jit", action="store_true", help="jit_compile=True")
     parser.add_argument("--png", help="draw AP50 against training seconds into this file")
     parser.add_argument("--json", help="write the rows of every model into this file")
-    parser.add_argument("--save", help="folder: save each trained model as NAME.keras there")
+    parser.add_argument(
+        "--save", help="folder: save each trained model's weights as NAME.weights.h5 there"
+    )
     args = parser.parse_args()
+    # fail before training, not after it: nothing that exists is overwritten
+    outputs = [args.json, args.png]
+    if args.save:
+        outputs += [
+            os.path.join(args.save, n.replace(" ", "_") + ".weights.h5") for n in args.model
+        ]
+    existing = [path for path in outputs if path and os.path.exists(path)]
+    if existing:
+        parser.error(f"{', '.join(existing)} exist(s) and would be overwritten; move them away")
 
     train, val = (
         load_shapes("train", variant=args.variant),
@@ -101,7 +113,9 @@ def main():
         curves[name] = evaluation.rows
         if args.save:
             os.makedirs(args.save, exist_ok=True)
-            save_model(detector, os.path.join(args.save, name.replace(" ", "_") + ".keras"))
+            path = os.path.join(args.save, name.replace(" ", "_") + ".weights.h5")
+            with writing(path, owner="time_to_ap50", suffix=".weights.h5") as tmp:
+                detector.save_weights(tmp, overwrite=True)
         if args.json:  # after every model: a long run keeps what it has
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "curves": curves}, f, indent=1)

@@ -5,18 +5,21 @@ on the same data. :data:`LINEUP` names them with the preset and overrides of the
 profile; :func:`build_detector` builds one for a data set at an input size (anchor sizes in
 pixels scale with the input, the presets' are for 256 px); :func:`anatomy` reads the "variable
 parts" of a detector from the model itself: backbone, neck, the heads (shared across levels or
-not), the last layer and the losses.
+not), the last layer and the losses; :func:`inference_time` times ``predict_on_batch``.
 
 Shapes: images are ``(B, H, W, 3)`` RGB in ``[0, 255]``; boxes xyxy pixels, as everywhere.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import numpy as np
 
 from dlnotes import models
 
-__all__ = ["LINEUP", "build_detector", "anatomy"]
+__all__ = ["LINEUP", "build_detector", "anatomy", "inference_time"]
 
 LINEUP: dict[str, tuple[str, str, dict]] = {
     "RetinaNet": ("RetinaNet", "retinanet_tiny_256", {}),
@@ -86,6 +89,27 @@ def anatomy(detector) -> dict[str, str]:
     if reader is None:
         raise ValueError(f"anatomy: not a dlnotes detector: {kind}")
     return reader(detector)
+
+
+def inference_time(detector, batch_size: int = 1, repeats: int = 5, seed: int = 0) -> float:
+    """Median wall seconds of ``detector.predict_on_batch`` on ``batch_size`` images.
+
+    The images are seeded uniform noise ``(batch_size, H, W, 3)`` in ``[0, 255]`` at the
+    detector's ``image_size``; one untimed call first traces the function. Post-processing (NMS,
+    decoding, grouping) is included, as a user of ``predict`` pays for it.
+    """
+    if batch_size < 1 or repeats < 1:
+        raise ValueError(f"batch_size and repeats must be >= 1, got {batch_size}, {repeats}")
+    height, width = detector.image_size
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (batch_size, height, width, 3)).astype(np.float32)
+    detector.predict_on_batch(images)  # trace
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        detector.predict_on_batch(images)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _name(part) -> str:

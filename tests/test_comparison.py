@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dlnotes import models
-from dlnotes.comparison import LINEUP, anatomy, build_detector
+from dlnotes.comparison import LINEUP, anatomy, build_detector, inference_time
 
 DATA = SimpleNamespace(num_classes=6, num_keypoints=5)
 KEYS = {"stages", "backbone", "neck", "heads", "last layer", "class loss", "box loss"}
@@ -66,3 +66,19 @@ def test_bad_names_and_objects_are_refused():
         build_detector("SSD", DATA)
     with pytest.raises(ValueError, match="not a dlnotes detector: Dense"):
         anatomy(keras.layers.Dense(2))
+
+
+def test_inference_time_times_predict_on_batch():
+    detector = build_detector("RetinaNet", DATA, 64)
+    calls = []
+    real = detector.predict_on_batch
+
+    def counted(images):
+        calls.append(images.shape)
+        return real(images)
+
+    detector.predict_on_batch = counted
+    seconds = inference_time(detector, batch_size=2, repeats=3)
+    assert seconds > 0 and calls == [(2, 64, 64, 3)] * 4  # one trace + three timed
+    with pytest.raises(ValueError, match="repeats"):
+        inference_time(detector, repeats=0)

@@ -90,12 +90,14 @@ VARIANTS: dict[str, dict] = {
         "image_size": 128, "max_objects": 4, "min_size": 12.0, "max_clutter": 2, "noise_std": 4.0,
     },
 }  # fmt: skip
-"""The named data sets. ``"standard"`` (``data/shapes``) is the book's data set: 256 px images
-with up to 8 objects from 8 px, the full range of scales the pyramid chapters need. ``"easy"``
-(``data/shapes_easy``) is what the detector chapters train on in their CPU profile: 128 px images
-(a quarter of the pixels, so a training step costs about 0.3 of a 256 px one), up to 4 objects of
-at least 12 px (the smallest standard objects would be 4 px after halving), less clutter and
-noise. Both keep the same classes, keypoints, colours and occlusion rule."""
+"""The named data sets. ``"standard"`` (``data/shapes``) is the book's data set, used by every
+chapter: 256 px images with up to 8 objects from 8 px, the full range of scales the pyramid
+chapters need. ``"easy"`` (``data/shapes_easy``) is a lighter set for quick experiments: 128 px
+images (a training step at 128 px costs about 0.3 of one at 256 px), up to 4 objects of at least
+12 px, less clutter and noise. Measured with ``benchmarks/time_to_ap50.py``: the tiny detectors
+learn it *more slowly per second* at 128 px than the standard set at 256 px (their stride-4 stems
+leave a 12 px object 3 cells wide), so the chapters keep the standard set. Both variants share
+the classes, keypoints, colours and occlusion rule."""
 
 _SUPERSAMPLE = 4  # anti-aliasing factor: sub-pixel edge error <= 0.5 / _SUPERSAMPLE px
 _MARGIN = 1.0  # px between every polygon and the image border
