@@ -41,7 +41,6 @@ install: $(VENV)/.installed
 # Idempotent: the generator does nothing when the manifest matches and all files exist.
 data: install
 	$(PY) -m dlnotes.data.shapes --out $(DATA)
-	$(PY) -m dlnotes.data.shapes --out $(DATA)_easy --variant easy
 
 book: install data
 	$(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going
