@@ -22,8 +22,8 @@ import time
 import keras
 import numpy as np
 
+from dlnotes.comparison import build_detector
 from dlnotes.data.shapes import load_shapes
-from dlnotes.models import RetinaNet
 from dlnotes.training import Recipe, make_optimizer, training_batches
 
 SETTINGS = (("graph", False, 256), ("XLA", True, 256), ("graph", False, 128))
@@ -32,9 +32,7 @@ SETTINGS = (("graph", False, 256), ("XLA", True, 256), ("graph", False, 128))
 def compiled(train, jit, size, batch):
     """The model of one setting, compiled, with its batches and the time of its first 5 steps."""
     keras.utils.set_random_seed(0)
-    model = RetinaNet.from_preset(
-        "retinanet_tiny_256", num_classes=train.num_classes, image_size=(size, size)
-    )
+    model = build_detector("RetinaNet", train, size)  # anchor pixels follow the input size
     recipe = Recipe(steps=1000, batch_size=batch, warmup_steps=10, jit_compile=jit)
     model.compile(optimizer=make_optimizer(recipe), jit_compile=jit)
     batches = iter(training_batches(train, recipe, model))

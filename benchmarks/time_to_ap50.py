@@ -25,8 +25,8 @@ import time
 
 import keras
 
-from dlnotes import training
-from dlnotes.comparison import LINEUP, build_detector
+from dlnotes import training, viz
+from dlnotes.comparison import LINEUP, build_detector, first_reaching
 from dlnotes.data.shapes import load_shapes
 from dlnotes.evaluation import evaluate_detector
 from dlnotes.saving import writing
@@ -59,11 +59,6 @@ class EvaluateEvery(keras.callbacks.Callback):
             f"{row['AP50']:6.3f}",
             flush=True,
         )
-
-
-def first_reaching(rows, level):
-    """``(step, seconds)`` of the first row with AP50 >= level, or None."""
-    return next(((r["step"], r["seconds"]) for r in rows if r["AP50"] >= level), None)
 
 
 def main():
@@ -121,7 +116,7 @@ def main():
                 json.dump({"args": vars(args), "curves": curves}, f, indent=1)
         for level in (0.1, 0.3, 0.5):
             hit = first_reaching(evaluation.rows, level)
-            reached = f"step {hit[0]}, {hit[1]:.0f} s" if hit else "not reached"
+            reached = f"step {hit['step']}, {hit['seconds']:.0f} s" if hit else "not reached"
             print(f"AP50 >= {level}: {reached}")
     if args.png:
         import matplotlib
@@ -130,9 +125,7 @@ def main():
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name, rows in curves.items():
-            ax.plot([r["seconds"] for r in rows], [r["AP50"] for r in rows], "o-", label=name)
-        ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+        viz.plot_learning_curves(ax, curves)
         ax.set(xlabel="training time (s)", ylabel="val AP50", ylim=(0, 1))
         ax.set_title(f"shapes {args.variant}, {args.size} px, batch {args.batch}")
         ax.legend()

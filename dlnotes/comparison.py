@@ -5,7 +5,8 @@ on the same data. :data:`LINEUP` names them with the preset and overrides of the
 profile; :func:`build_detector` builds one for a data set at an input size (anchor sizes in
 pixels scale with the input, the presets' are for 256 px); :func:`anatomy` reads the "variable
 parts" of a detector from the model itself: backbone, neck, the heads (shared across levels or
-not), the last layer and the losses; :func:`inference_time` times ``predict_on_batch``.
+not), the last layer and the losses; :func:`inference_time` times ``predict_on_batch``;
+:func:`first_reaching` finds where a learning curve first reaches an AP50.
 
 Shapes: images are ``(B, H, W, 3)`` RGB in ``[0, 255]``; boxes xyxy pixels, as everywhere.
 """
@@ -19,7 +20,7 @@ import numpy as np
 
 from dlnotes import models
 
-__all__ = ["LINEUP", "build_detector", "anatomy", "inference_time"]
+__all__ = ["LINEUP", "build_detector", "anatomy", "inference_time", "first_reaching"]
 
 LINEUP: dict[str, tuple[str, str, dict]] = {
     "RetinaNet": ("RetinaNet", "retinanet_tiny_256", {}),
@@ -59,9 +60,8 @@ def build_detector(name: str, dataset, image_size: int = 256, **overrides):
     config = {**cls.presets[preset], **lineup_overrides}
     scale = image_size / 256
     extra = {"image_size": (image_size, image_size)}
-    if family in ("RetinaNet", "FasterRCNN"):
-        sizes = config.get("anchor_sizes", (16, 32, 64, 128, 256))
-        extra["anchor_sizes"] = tuple(float(s) * scale for s in sizes)
+    if "anchor_sizes" in config:  # RetinaNet, Faster R-CNN
+        extra["anchor_sizes"] = tuple(float(s) * scale for s in config["anchor_sizes"])
     if family == "YOLOv3":
         extra["anchors"] = (np.asarray(config["anchors"], np.float64) * scale).tolist()
     if family == "KeypointDetector":
@@ -112,8 +112,13 @@ def inference_time(detector, batch_size: int = 1, repeats: int = 5, seed: int = 
     return statistics.median(times)
 
 
-def _name(part) -> str:
-    return part if isinstance(part, str) else type(part).__name__
+def first_reaching(rows, level: float, metric: str = "AP50"):
+    """The first row of a learning curve whose ``metric`` is at least ``level``, or None.
+
+    ``rows``: dicts in step order, as ``benchmarks/time_to_ap50.py`` stores them (``step``,
+    ``seconds``, ``AP50``, ...).
+    """
+    return next((row for row in rows if row[metric] >= level), None)
 
 
 def _retinanet(m) -> dict[str, str]:
@@ -122,8 +127,8 @@ def _retinanet(m) -> dict[str, str]:
     per_level_bn = type(head).__name__ == "EfficientDetHead"
     return {
         "stages": "one",
-        "backbone": _name(getattr(m, "backbone_name", None) or m.backbone.name),
-        "neck": _name(getattr(m, "neck_name", None) or m.neck.name),
+        "backbone": getattr(m, "backbone_name", None) or m.backbone.name,
+        "neck": getattr(m, "neck_name", None) or m.neck.name,
         "heads": (
             f"class + box subnets, shared by {levels} levels, depth {head.depth}, "
             f"{head.channels} ch" + (", BN per level" if per_level_bn else "")

@@ -26,6 +26,7 @@ __all__ = [
     "draw_heatmap",
     "draw_keypoints",
     "image_grid",
+    "plot_learning_curves",
     "plot_pr_curve",
     "show_image",
 ]
@@ -448,6 +449,27 @@ def draw_heatmap(
     )
     ax.set_xlim(extent[0], extent[1])
     ax.set_ylim(extent[2], extent[3])
+    return ax
+
+
+def plot_learning_curves(ax, curves, x: str = "seconds", y: str = "AP50", target=0.5):
+    """Plots one learning curve per model: ``y`` against ``x``, with a dashed line at ``target``.
+
+    Args:
+        ax: Matplotlib Axes.
+        curves: ``{name: rows}``, each row a dict with ``x`` and ``y`` (the curves of
+            ``benchmarks/time_to_ap50.py``); model ``i`` gets :func:`class_color` ``(i)``.
+        x, y: the row keys on the axes (e.g. ``"seconds"`` or ``"step"``; ``"AP50"``).
+        target: a level to mark, or None.
+
+    Returns:
+        The Axes.
+    """
+    for i, (name, rows) in enumerate(curves.items()):
+        ax.plot([r[x] for r in rows], [r[y] for r in rows], "o-", color=class_color(i), label=name)
+    if target is not None:
+        ax.axhline(target, color="gray", lw=0.8, ls="--")
+    ax.set(xlabel=x, ylabel=y)
     return ax
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dlnotes import models
-from dlnotes.comparison import LINEUP, anatomy, build_detector, inference_time
+from dlnotes.comparison import LINEUP, anatomy, build_detector, first_reaching, inference_time
 
 DATA = SimpleNamespace(num_classes=6, num_keypoints=5)
 KEYS = {"stages", "backbone", "neck", "heads", "last layer", "class loss", "box loss"}
@@ -82,3 +82,10 @@ def test_inference_time_times_predict_on_batch():
     assert seconds > 0 and calls == [(2, 64, 64, 3)] * 4  # one trace + three timed
     with pytest.raises(ValueError, match="repeats"):
         inference_time(detector, repeats=0)
+
+
+def test_first_reaching_finds_the_first_row_at_the_level():
+    rows = [{"step": s, "AP50": v} for s, v in ((100, 0.05), (200, 0.3), (300, 0.2), (400, 0.6))]
+    assert first_reaching(rows, 0.3)["step"] == 200  # at the level counts
+    assert first_reaching(rows, 0.5)["step"] == 400
+    assert first_reaching(rows, 0.7) is None

@@ -252,3 +252,20 @@ def test_draw_heatmap_colour_scale(ax):
     assert ax.images[-1].get_clim() == (0.25, 0.25)  # matplotlib's default: the map's own range
     viz.draw_heatmap(ax, np.full((4, 4), 0.25), vmin=0.0, vmax=1.0)
     assert ax.images[-1].get_clim() == (0.0, 1.0)
+
+
+def test_plot_learning_curves_draws_one_line_per_model(ax):
+    curves = {
+        "a": [
+            {"step": 100, "seconds": 50.0, "AP50": 0.1},
+            {"step": 200, "seconds": 90.0, "AP50": 0.3},
+        ],
+        "b": [{"step": 100, "seconds": 70.0, "AP50": 0.0}],
+    }
+    viz.plot_learning_curves(ax, curves, x="step")
+    assert len(ax.lines) == 3  # two curves and the target line
+    np.testing.assert_array_equal(ax.lines[0].get_xdata(), [100, 200])
+    np.testing.assert_array_equal(ax.lines[0].get_ydata(), [0.1, 0.3])
+    assert ax.lines[1].get_color() == viz.class_color(1)
+    assert list(ax.lines[2].get_ydata()) == [0.5, 0.5]
+    assert ax.get_xlabel() == "step" and ax.get_ylabel() == "AP50"
