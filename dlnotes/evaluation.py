@@ -6,6 +6,8 @@ Two halves:
   ``COCO`` object, a JSON path or a dict, and returns an :class:`EvalResult` with named metrics;
   :func:`predictions_to_coco` turns the padded prediction dict of the post-processing into COCO
   result dicts; :func:`evaluate_detector` does both for a detector on a data set; :func:`precision_recall_curve` reads a PR curve out of the evaluated ``COCOeval``.
+* :func:`box_versus_class` splits a detector's misses into "no box" and "box found, class wrong",
+  with a confusion matrix.
 * :func:`match_detections` and :func:`average_precision` reproduce, for one class and one IoU
   threshold, exactly what ``COCOeval.evaluateImg`` and ``COCOeval.accumulate`` do (greedy matching
   in descending score order, 101-point interpolated precision). Chapter 0 uses them to show that
@@ -39,7 +41,9 @@ __all__ = [
     "DetectorEvaluation",
     "EvalResult",
     "KEYPOINT_METRICS",
+    "BoxVersusClass",
     "average_precision",
+    "box_versus_class",
     "coco_evaluate",
     "evaluate_detector",
     "match_dataset",
@@ -307,6 +311,7 @@ def coco_evaluate(
     image_ids: Sequence[int] | None = None,
     verbose: bool = False,
     kpt_oks_sigmas=None,
+    class_agnostic: bool = False,
 ) -> EvalResult:
     """COCO mAP of ``detections`` against ``coco_gt`` with pycocotools' ``COCOeval``.
 
@@ -327,6 +332,9 @@ def coco_evaluate(
         verbose: let pycocotools print its progress and table.
         kpt_oks_sigmas: per-keypoint OKS sigmas ``(K,)`` for ``"keypoints"``. Default: COCO's
             person sigmas when K = 17, else :data:`DEFAULT_KEYPOINT_SIGMA` for every keypoint.
+        class_agnostic: boxes only: ignore the categories (``COCOeval.params.useCats = 0``), so
+            a detection may match a ground-truth box of any class. The gap to the usual AP is
+            what wrong classes cost.
 
     Returns:
         :class:`EvalResult`. Metrics are ``-1`` where pycocotools finds no ground truth (e.g. no
@@ -338,6 +346,8 @@ def coco_evaluate(
     """
     if iou_type not in _IOU_TYPES:
         raise ValueError(f"Unknown iou_type {iou_type!r}; expected one of {_IOU_TYPES}.")
+    if class_agnostic and iou_type != "bbox":
+        raise ValueError("class_agnostic=True is for iou_type='bbox' only.")
     gt = _load_ground_truth(coco_gt)
 
     num_keypoints = None
@@ -360,6 +370,7 @@ def coco_evaluate(
         dt = gt.loadRes(clean) if clean else _empty_results(gt)
     evaluator = COCOeval(gt, dt, iouType=iou_type)
     evaluator.params.catIds = cat_ids
+    evaluator.params.useCats = 0 if class_agnostic else 1
     if image_ids is not None:
         image_ids = [int(i) for i in np.asarray(image_ids).ravel()]
         unknown = sorted(set(image_ids) - set(gt.getImgIds()))
@@ -807,6 +818,151 @@ def match_dataset(
     if return_iou:
         return tp, kept, num_gt, np.concatenate(best_ious).astype(np.float64)
     return tp, kept, num_gt
+
+
+# --------------------------------------------------------------------------------------------
+# Box found, class wrong
+# --------------------------------------------------------------------------------------------
+
+#: COCO's area ranges in px² (``COCOeval.params.areaRng``): small < 32², medium < 96², large.
+SIZE_RANGES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, np.inf)}
+
+
+def _xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+
+
+def _iou_xyxy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(N, 4) x (M, 4)`` xyxy -> ``(N, M)`` float64 IoU (0 where the union is empty)."""
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=-1)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=-1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+@dataclass
+class BoxVersusClass:
+    """What became of every ground-truth box (the outcome of :func:`box_versus_class`).
+
+    Attributes (``G`` ground-truth boxes, in the order of the ground truth's annotations):
+        category_ids: ``(C,)`` the ground truth's category ids, sorted.
+        category_names: their names.
+        gt_category: ``(G,)`` each box's category id.
+        gt_area: ``(G,)`` each annotation's ``area`` (COCO's size ranges read it).
+        found: bool ``(G,)``: some detection of *any* class overlaps the box with IoU >= the
+            threshold.
+        predicted: ``(G,)`` the category id of the highest-scoring such detection (0 if none).
+        score: ``(G,)`` its score (0 if none).
+    """
+
+    category_ids: np.ndarray
+    category_names: list
+    gt_category: np.ndarray
+    gt_area: np.ndarray
+    found: np.ndarray
+    predicted: np.ndarray
+    score: np.ndarray
+
+    @property
+    def class_right(self) -> np.ndarray:
+        """bool ``(G,)``: found, and the best-scoring covering detection has the right class."""
+        return self.found & (self.predicted == self.gt_category)
+
+    def confusion(self) -> np.ndarray:
+        """int ``(C, C + 1)``: row = true category, column = the category of the best-scoring
+        covering detection, in ``category_ids`` order; the last column counts boxes not found."""
+        index = {int(c): i for i, c in enumerate(self.category_ids)}
+        matrix = np.zeros((len(index), len(index) + 1), dtype=np.int64)
+        for true, found, predicted in zip(
+            self.gt_category, self.found, self.predicted, strict=True
+        ):
+            matrix[index[int(true)], index[int(predicted)] if found else len(index)] += 1
+        return matrix
+
+    def by_size(self) -> dict[str, dict[str, float]]:
+        """``{"all" | "small" | "medium" | "large": {"objects", "found", "class right"}}``:
+        the number of boxes, the fraction found, and the fraction of the *found* ones whose
+        best-scoring covering detection has the right class (NaN when none is found)."""
+        ranges = {"all": (0.0, np.inf), **SIZE_RANGES}
+        table = {}
+        for name, (lo, hi) in ranges.items():
+            keep = (self.gt_area >= lo) & (self.gt_area < hi)
+            found = self.found[keep]
+            right = self.class_right[keep]
+            table[name] = {
+                "objects": int(keep.sum()),
+                "found": float(found.mean()) if keep.any() else float("nan"),
+                "class right": float(right.sum() / found.sum()) if found.any() else float("nan"),
+            }
+        return table
+
+
+def box_versus_class(coco_gt, detections, iou_threshold: float = 0.5) -> BoxVersusClass:
+    """Did the detector miss the *box* or the *class*? Per ground-truth box, regardless of class.
+
+    For every ground-truth box, every detection of the same image whose box overlaps it with
+    IoU >= ``iou_threshold`` counts, whatever its class and score; the box is *found* when there
+    is one, and the class of the highest-scoring one is what the detector "says" the object is.
+    Unlike COCO's matching this is not one-to-one (one detection may cover two overlapping
+    boxes): it asks whether any box is there, not whether AP would count it. Crowd annotations
+    are left out. IoUs are float64, in the boxes' xywh pixels.
+
+    Args:
+        coco_gt: as in :func:`coco_evaluate` (``COCO``, path or dict).
+        detections: COCO box result dicts (``image_id``, ``category_id``, ``bbox`` xywh,
+            ``score``), e.g. :attr:`DetectorEvaluation.detections`.
+        iou_threshold: the overlap that counts as "found" (COCO's AP50 uses 0.5).
+
+    Returns:
+        :class:`BoxVersusClass`.
+
+    Raises:
+        ValueError: a detection with an unknown image or category id, a missing key or a
+            non-finite value (as :func:`coco_evaluate`); a threshold outside ``(0, 1]``.
+    """
+    if not 0 < iou_threshold <= 1:
+        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
+    gt = _load_ground_truth(coco_gt)
+    clean = _clean_detections(detections or [], gt, "bbox", None)
+    per_image: dict[int, list] = {}
+    for det in clean:
+        per_image.setdefault(det["image_id"], []).append(det)
+    anns = [a for a in gt.dataset["annotations"] if not a.get("iscrowd", 0)]
+    found = np.zeros(len(anns), dtype=bool)
+    predicted = np.zeros(len(anns), dtype=np.int64)
+    score = np.zeros(len(anns), dtype=np.float64)
+    gt_rows: dict[int, list] = {}
+    for i, a in enumerate(anns):
+        gt_rows.setdefault(a["image_id"], []).append(i)
+    for image_id, rows in gt_rows.items():
+        dets = per_image.get(image_id, [])
+        if not dets:
+            continue
+        gt_boxes = _xywh_to_xyxy([anns[i]["bbox"] for i in rows])
+        det_boxes = _xywh_to_xyxy([d["bbox"] for d in dets])
+        det_scores = np.array([d["score"] for d in dets])
+        covers = _iou_xyxy(gt_boxes, det_boxes) >= iou_threshold  # (g, d)
+        ranked = np.where(covers, det_scores[None, :], -np.inf)
+        best = np.argmax(ranked, axis=1)
+        for row, i in enumerate(rows):
+            if covers[row].any():
+                found[i] = True
+                predicted[i] = dets[best[row]]["category_id"]
+                score[i] = det_scores[best[row]]
+    category_ids = np.array(sorted(gt.getCatIds()), dtype=np.int64)
+    return BoxVersusClass(
+        category_ids=category_ids,
+        category_names=[gt.cats[int(c)]["name"] for c in category_ids],
+        gt_category=np.array([a["category_id"] for a in anns], dtype=np.int64),
+        gt_area=np.array([a["area"] for a in anns], dtype=np.float64),
+        found=found,
+        predicted=predicted,
+        score=score,
+    )
 
 
 def simulate_detections(

@@ -26,6 +26,7 @@ __all__ = [
     "draw_heatmap",
     "draw_keypoints",
     "image_grid",
+    "plot_confusion",
     "plot_learning_curves",
     "plot_pr_curve",
     "show_image",
@@ -505,6 +506,45 @@ def plot_pr_curve(ax, recall, precision, label: str | None = None):
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     return ax
+
+
+def plot_confusion(ax, matrix, class_names: Sequence[str], missed: bool = True, title=None):
+    """Draws a confusion matrix as a heat map, rows normalised, with the counts in the cells.
+
+    Args:
+        ax: Matplotlib Axes.
+        matrix: int ``(C, C)`` or, with ``missed``, ``(C, C + 1)`` counts: row = true class,
+            column = predicted class (the last column: objects with no prediction), as
+            :meth:`dlnotes.evaluation.BoxVersusClass.confusion` returns.
+        class_names: ``C`` names, in the rows' order.
+        missed: the last column counts misses (labelled "missed").
+        title: the Axes title.
+
+    Returns:
+        The image returned by ``imshow`` (for a colour bar).
+    """
+    matrix = _np(matrix, np.int64)
+    names = list(class_names)
+    columns = names + (["missed"] if missed else [])
+    if matrix.shape != (len(names), len(columns)):
+        raise ValueError(
+            f"plot_confusion: a matrix of shape {matrix.shape} does not fit {len(names)} class "
+            f"names{' and a missed column' if missed else ''} (expected "
+            f"{(len(names), len(columns))})."
+        )
+    totals = matrix.sum(axis=1, keepdims=True)
+    fraction = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    image = ax.imshow(fraction, cmap="Blues", vmin=0.0, vmax=1.0)
+    for (row, col), count in np.ndenumerate(matrix):
+        ax.text(col, row, str(count), ha="center", va="center", fontsize=8,
+                color="white" if fraction[row, col] > 0.6 else "black")  # fmt: skip
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title)
+    return image
 
 
 def _batch_item(values: Mapping | None, key: str, index: int):

@@ -15,6 +15,7 @@ from dlnotes.evaluation import (
     KEYPOINT_METRICS,
     EvalResult,
     average_precision,
+    box_versus_class,
     coco_evaluate,
     match_dataset,
     match_detections,
@@ -620,3 +621,70 @@ def test_evaluate_detector_maps_letterboxed_predictions_back(tmp_path):
                        rf"{ds.num_classes} categories"):  # fmt: skip
         evaluate_detector(wrong, ds)
     assert wrong.seen == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# box_versus_class
+# ------------------------------------------------------------------------------------------------
+
+
+def _det(image_id, category_id, bbox, score):
+    return {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
+
+
+def test_box_versus_class_separates_missed_boxes_from_wrong_classes():
+    gt = make_gt()
+    detections = [
+        _det(10, SQUARE, [10, 10, 20, 20], 0.9),  # ann 1: right
+        _det(10, CIRCLE, [100, 100, 50, 50], 0.8),  # ann 2: wrong class, outscores ...
+        _det(10, SQUARE, [102, 100, 50, 50], 0.3),  # ... the right one
+        _det(10, CIRCLE, [200, 50, 150, 50], 0.9),  # ann 3: IoU 50*150/(150*120) = 0.42 < 0.5
+        _det(20, SQUARE, [300, 200, 120, 110], 0.2),  # ann 5: right, low score still counts
+        _det(30, CIRCLE, [65, 60, 60, 60], 0.7),  # ann 6: IoU 45/75 = 0.6, right
+    ]
+    report = box_versus_class(gt, detections)
+    ids = [a["id"] for a in gt["annotations"]]
+    flags = zip(report.found, report.predicted, report.class_right, strict=True)
+    outcome = dict(zip(ids, flags, strict=True))
+    assert outcome[1] == (True, SQUARE, True)
+    assert outcome[2] == (True, CIRCLE, False)
+    assert outcome[3][0] is np.False_ and outcome[3][1] == 0
+    assert outcome[4][0] is np.False_  # no detection in its image near it
+    assert outcome[5] == (True, SQUARE, True)
+    assert outcome[6] == (True, CIRCLE, True)
+    assert report.score[ids.index(5)] == pytest.approx(0.2)
+
+    # a higher threshold loses the 0.6-IoU box
+    assert not box_versus_class(gt, detections, iou_threshold=0.7).found[ids.index(6)]
+
+    # rows: true square (1), point (3), circle (7); columns the same + missed
+    assert report.category_names == ["square", "point", "circle"]
+    np.testing.assert_array_equal(report.confusion(), [[2, 0, 1, 0], [0, 0, 0, 2], [0, 0, 1, 2]])
+    table = report.by_size()
+    assert table["all"] == {"objects": 8, "found": 4 / 8, "class right": 3 / 4}
+    assert table["small"] == {"objects": 2, "found": 0.5, "class right": 1.0}
+    assert table["medium"]["objects"] == 3 and table["medium"]["class right"] == 0.5
+    assert table["large"]["found"] == pytest.approx(1 / 3)
+
+
+def test_box_versus_class_without_detections_and_bad_input():
+    gt = make_gt()
+    report = box_versus_class(gt, [])
+    assert not report.found.any() and np.isnan(report.by_size()["all"]["class right"])
+    assert report.confusion()[:, -1].tolist() == [3, 2, 3]  # square, point, circle
+    with pytest.raises(ValueError, match="image_id 99"):
+        box_versus_class(gt, [_det(99, SQUARE, [0, 0, 1, 1], 0.5)])
+    with pytest.raises(ValueError, match="iou_threshold"):
+        box_versus_class(gt, [], iou_threshold=0)
+
+
+def test_class_agnostic_ap_forgives_wrong_classes():
+    gt = make_gt()
+    swapped = {SQUARE: CIRCLE, CIRCLE: SQUARE, POINT: POINT}
+    detections = [
+        {**d, "category_id": swapped[d["category_id"]]} for d in perfect_box_detections(gt)
+    ]
+    assert coco_evaluate(gt, detections)["AP50"] < 0.5
+    assert coco_evaluate(gt, detections, class_agnostic=True)["AP50"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="class_agnostic"):
+        coco_evaluate(gt, [], iou_type="keypoints", class_agnostic=True)

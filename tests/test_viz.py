@@ -269,3 +269,14 @@ def test_plot_learning_curves_draws_one_line_per_model(ax):
     assert ax.lines[1].get_color() == viz.class_color(1)
     assert list(ax.lines[2].get_ydata()) == [0.5, 0.5]
     assert ax.get_xlabel() == "step" and ax.get_ylabel() == "AP50"
+
+
+def test_plot_confusion_normalises_rows_and_writes_counts(ax):
+    matrix = np.array([[3, 1, 0], [0, 0, 2]])
+    image = viz.plot_confusion(ax, matrix, ["circle", "star"], title="t")
+    np.testing.assert_allclose(image.get_array(), [[0.75, 0.25, 0], [0, 0, 1]])
+    assert [t.get_text() for t in ax.texts] == ["3", "1", "0", "0", "0", "2"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["circle", "star", "missed"]
+    assert ax.get_title() == "t"
+    with pytest.raises(ValueError, match=r"shape \(2, 3\).*2 class names"):
+        viz.plot_confusion(ax, matrix, ["circle", "star"], missed=False)
