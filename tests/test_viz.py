@@ -280,3 +280,9 @@ def test_plot_confusion_normalises_rows_and_writes_counts(ax):
     assert ax.get_title() == "t"
     with pytest.raises(ValueError, match=r"shape \(2, 3\).*2 class names"):
         viz.plot_confusion(ax, matrix, ["circle", "star"], missed=False)
+
+
+def test_use_book_style_sets_the_font_size(monkeypatch):
+    monkeypatch.setitem(plt.rcParams, "font.size", 10.0)
+    viz.use_book_style()  # outside IPython: fonts only, no error
+    assert plt.rcParams["font.size"] == 11

@@ -11,6 +11,7 @@ c.IPKernelApp.capture_fd_output = False
 # wider than about 9.4 in is scaled down (a 10 in figure shows its 11 pt text at 10.4 px).
 # The notebooks pin figure.dpi = 72 themselves: the "<Figure size WxH ...>" lines that nbval compares
 # are figsize x figure.dpi and do not depend on this file. Kernels without this profile (Colab, a
-# plain `jupyter lab`) draw with their own defaults.
+# plain `jupyter lab`) get the same from dlnotes.viz.use_book_style(), which every notebook's Colab
+# cell calls.
 c.InlineBackend.figure_formats = {"retina"}
 c.InlineBackend.rc = {"font.size": 11}
