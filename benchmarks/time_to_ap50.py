@@ -8,10 +8,13 @@ preset of its chapter), trains it with the book's recipe (:mod:`dlnotes.training
 ``--every`` steps. The wall time counts training only (the evaluations are paused out), tracing
 included. It prints one row per evaluation and the first step and time at which AP50 passed 0.1,
 0.3 and 0.5; ``--png`` draws the curve, ``--json`` stores the rows, ``--save`` the weights
-(chapter 8 loads them from ``book/side_by_side``).
+(chapter 8 loads them from ``book/side_by_side``). ``--backbone-weights shapes`` starts from the
+backbone pre-trained on the shapes (:mod:`dlnotes.pretraining`), ``--freeze-backbone`` keeps it
+fixed; the saved files and the curves then carry ``-shapes`` / ``-frozen`` in their names.
 
     python benchmarks/time_to_ap50.py --model RetinaNet [--variant standard --size 256]
         [--steps 600 --batch 8 --lr 3e-3 --every 100] [--png curve.png] [--json rows.json]
+        [--backbone-weights shapes [--freeze-backbone]]
 
 Several ``--model`` values train one after the other, each from the same seed.
 """
@@ -77,12 +80,22 @@ def main():
     parser.add_argument(
         "--save", help="folder: save each trained model's weights as NAME.weights.h5 there"
     )
+    parser.add_argument(
+        "--backbone-weights", help="'shapes': the backbone pre-trained on the shapes"
+    )
+    parser.add_argument(
+        "--freeze-backbone", action="store_true", help="keep the backbone (and its BN) fixed"
+    )
     args = parser.parse_args()
+    suffix = ("-" + args.backbone_weights if args.backbone_weights else "") + (
+        "-frozen" if args.freeze_backbone else ""
+    )
     # fail before training, not after it: nothing that exists is overwritten
     outputs = [args.json, args.png]
     if args.save:
         outputs += [
-            os.path.join(args.save, n.replace(" ", "_") + ".weights.h5") for n in args.model
+            os.path.join(args.save, n.replace(" ", "_") + suffix + ".weights.h5")
+            for n in args.model
         ]
     existing = [path for path in outputs if path and os.path.exists(path)]
     if existing:
@@ -100,15 +113,18 @@ def main():
     curves = {}
     for name in args.model:
         keras.utils.set_random_seed(0)
-        detector = build_detector(name, train, args.size)
+        overrides = {"backbone_weights": args.backbone_weights} if args.backbone_weights else {}
+        detector = build_detector(name, train, args.size, **overrides)
+        if args.freeze_backbone:
+            detector.backbone.trainable = False  # BatchNorm in inference mode too (Keras 3)
         print(f"\n{name}: {type(detector).__name__}, {detector.count_params():,d} parameters")
         print(f"{'step':>6s} {'train s':>8s} {'loss':>8s} {'AP':>6s} {'AP50':>6s}")
         evaluation = EvaluateEvery(detector, val, args.every)
         training.train(detector, train, recipe, callbacks=[evaluation], log=False)
-        curves[name] = evaluation.rows
+        curves[name + suffix] = evaluation.rows
         if args.save:
             os.makedirs(args.save, exist_ok=True)
-            path = os.path.join(args.save, name.replace(" ", "_") + ".weights.h5")
+            path = os.path.join(args.save, name.replace(" ", "_") + suffix + ".weights.h5")
             with writing(path, owner="time_to_ap50", suffix=".weights.h5") as tmp:
                 detector.save_weights(tmp, overwrite=True)
         if args.json:  # after every model: a long run keeps what it has

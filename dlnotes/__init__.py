@@ -16,6 +16,7 @@ One module per idea, each used by every model of the book:
 * :mod:`dlnotes.data` — the synthetic shapes data set, COCO JSON to ``tf.data``, transforms
 * :mod:`dlnotes.evaluation` — COCO mAP with pycocotools, and AP spelled out
 * :mod:`dlnotes.training` — the book's one training recipe (AdamW, warm-up, cosine decay, clipping)
+* :mod:`dlnotes.pretraining` — a backbone pre-trained to classify the shapes (``weights="shapes"``)
 * :mod:`dlnotes.comparison` — the five detectors side by side: the line-up and their anatomy
 * :mod:`dlnotes.flops` — multiply-adds of a forward pass, and the machine's matmul rate
 * :mod:`dlnotes.saving` — saving / loading models without overwriting, with clear file errors
@@ -38,6 +39,7 @@ from dlnotes import (
     models,
     necks,
     postprocess,
+    pretraining,
     roi,
     saving,
     training,
@@ -62,6 +64,7 @@ __all__ = [
     "models",
     "necks",
     "postprocess",
+    "pretraining",
     "roi",
     "saving",
     "training",

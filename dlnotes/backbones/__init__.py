@@ -4,7 +4,8 @@ Every backbone is built by name through the registry (:mod:`dlnotes.backbones.re
 ``build_backbone(name, input_shape, weights, **knobs)`` returns a functional ``keras.Model``
 mapping images to ``[C3, C4, C5]`` (strides 8, 16, 32; ``[C4]`` for the VGG16 trunk), and
 ``preprocess_for(name)`` the layer that maps RGB ``[0, 255]`` images to its input.
-:data:`BACKBONES` lists the names.
+:data:`BACKBONES` lists the names; ``weights="shapes"`` loads the weights pre-trained on the
+shapes (:mod:`dlnotes.pretraining`) shipped for the backbones of :data:`SHAPES_WEIGHTS`.
 
 * :mod:`dlnotes.backbones.resnet` — ResNet-18/34/50/101/152 and ResNeXt-50/101 (32x4d), and a
   tiny CPU variant (:func:`build_resnet`).
@@ -31,6 +32,7 @@ from dlnotes.backbones.efficientnet import (
 from dlnotes.backbones.preprocessing import ImagePreprocessing
 from dlnotes.backbones.registry import (
     BACKBONES,
+    SHAPES_WEIGHTS,
     Backbone,
     build_backbone,
     output_strides,
@@ -43,6 +45,7 @@ from dlnotes.backbones.weights import copy_weights_by_name, kernel_initializer, 
 
 __all__ = [
     "BACKBONES",
+    "SHAPES_WEIGHTS",
     "DARKNET53_BLOCKS",
     "DARKNET53_OUTPUT_LAYERS",
     "EFFICIENTNETS",

@@ -10,6 +10,10 @@ R-CNN trunk, returns ``[C4]`` by default) plus the preprocessing layer its weigh
 
 :data:`BACKBONES` lists the names with their family; :func:`register_backbone` adds a family
 (a builder ``(input_shape, weights, **knobs) -> keras.Model`` and the preprocessing rule).
+
+``weights="shapes"`` loads the weights shipped for the backbones of :data:`SHAPES_WEIGHTS`:
+pre-trained to classify the shapes (:mod:`dlnotes.pretraining`), the book's stand-in for
+ImageNet.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import keras
 
@@ -25,6 +30,7 @@ from dlnotes.backbones.preprocessing import ImagePreprocessing
 
 __all__ = [
     "BACKBONES",
+    "SHAPES_WEIGHTS",
     "Backbone",
     "build_backbone",
     "output_strides",
@@ -51,6 +57,23 @@ class Backbone:
     build: Callable[..., keras.Model]
     preprocessing: Callable[[object], str]
     description: str
+
+
+#: Backbones with shipped ``weights="shapes"``: name -> file in ``dlnotes/backbones/shapes_weights``
+#: (made by ``python -m dlnotes.pretraining``, for the backbone's default knobs).
+SHAPES_WEIGHTS = {"resnet_tiny": "resnet_tiny.weights.h5"}
+
+
+def _resolve_weights(name, weights):
+    """``"shapes"`` -> the shipped file of backbone ``name``; anything else unchanged."""
+    if not (isinstance(weights, str) and weights == "shapes"):
+        return weights
+    if name not in SHAPES_WEIGHTS:
+        raise ValueError(
+            f"{name}: no shapes weights; weights='shapes' exists for {list(SHAPES_WEIGHTS)} "
+            "(make them for another backbone with python -m dlnotes.pretraining)"
+        )
+    return os.fspath(Path(__file__).parent / "shapes_weights" / SHAPES_WEIGHTS[name])
 
 
 #: Every backbone by name; see :func:`register_backbone`.
@@ -82,6 +105,9 @@ def build_backbone(
     :func:`~dlnotes.backbones.efficientnet.build_efficientnet`,
     :func:`~dlnotes.backbones.vgg.build_vgg16`).
 
+    ``weights``: None, a ``.weights.h5`` file, ``"imagenet"`` where the family has it, or
+    ``"shapes"`` for the backbones of :data:`SHAPES_WEIGHTS`.
+
     Returns a functional ``keras.Model`` from ``(B, H, W, C)`` images (as :func:`preprocess_for`
     makes them) to ``[C3, C4, C5]`` (strides 8, 16, 32); for ``vgg16`` to ``[C4]``
     (``block5_conv3``, stride 16) unless its ``levels`` knob asks for others.
@@ -90,7 +116,7 @@ def build_backbone(
         ValueError: unknown name, or what the family's builder raises (knobs out of range, a
             weights file that does not fit); ``FileNotFoundError`` for a missing weights file.
     """
-    return _entry(name).build(input_shape, weights, **knobs)
+    return _entry(name).build(input_shape, _resolve_weights(name, weights), **knobs)
 
 
 def preprocess_for(name: str, weights: str | os.PathLike | None = None) -> ImagePreprocessing:
@@ -107,7 +133,7 @@ def preprocess_for(name: str, weights: str | os.PathLike | None = None) -> Image
         A new :class:`~dlnotes.backbones.preprocessing.ImagePreprocessing` layer named
         ``"{name}_preprocessing"``.
     """
-    mode = _entry(name).preprocessing(weights)
+    mode = _entry(name).preprocessing(_resolve_weights(name, weights))
     return ImagePreprocessing(mode, name=f"{name}_preprocessing")
 
 
