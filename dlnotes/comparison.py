@@ -32,10 +32,12 @@ LINEUP: dict[str, tuple[str, str, dict]] = {
     ),
     "Keypoint": ("KeypointDetector", "keypoint_tiny_256", {}),
 }  # fmt: skip
-"""Name -> (class name in :mod:`dlnotes.models`, preset, overrides): the CPU profiles of
-chapters 3 (RetinaNet), 4 (YOLOv3, half width, the paper's best-of-all assignment),
+"""Name -> (class name in :mod:`dlnotes.models`, preset, overrides): the models of the CPU
+profiles of chapters 3 (RetinaNet), 4 (YOLOv3, half width, the paper's best-of-all assignment),
 5 (EfficientDet), 6 (Faster R-CNN on ``resnet_tiny``'s stride-16 map) and 7 (the keypoint
-model)."""
+model), each built from scratch (random initial weights): chapter 3's profile starts its
+backbone from the shapes weights (``backbone_weights="shapes"``), which chapter 8 compares on
+its own."""
 
 
 def build_detector(name: str, dataset, image_size: int = 256, **overrides):

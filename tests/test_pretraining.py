@@ -139,3 +139,13 @@ def test_command_line_keeps_an_existing_file(tmp_path, capsys):
         pretraining.main(["--out", str(out), "--data", str(tmp_path / "none")])
     assert "exists and is kept" in capsys.readouterr().err
     assert out.read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("levels", [(4,), (2, 3, 4, 5)])
+def test_shapes_weights_load_into_backbones_with_other_levels(levels):
+    # Faster R-CNN reads C4 only (the top stage is not built), the keypoint model C2-C5
+    full = build_backbone("resnet_tiny", (64, 64, 3), weights="shapes")
+    partial = build_backbone("resnet_tiny", (64, 64, 3), weights="shapes", levels=levels)
+    images = np.random.default_rng(0).uniform(0, 1, (1, 64, 64, 3)).astype(np.float32)
+    c4 = partial(images)[levels.index(4)] if len(levels) > 1 else partial(images)
+    np.testing.assert_array_equal(c4.numpy(), full(images)[1].numpy())

@@ -344,7 +344,8 @@ def build_resnet(
             keras.applications weights and copies them by layer name, folding their conv biases
             into the BatchNorms), or the path to a ``.weights.h5`` file saved from a backbone
             built with the same name and knobs (and without conv biases, unlike dlnotes' builds
-            of resnet50/101/152 before conv biases were removed).
+            of resnet50/101/152 before conv biases were removed); with ``levels`` that stop
+            below 5, the file may also be the full backbone's (its top stages are dropped).
         base_filters: stem / conv2 width (default 64; 16 for ``resnet_tiny``); stages use
             ``base_filters * (1, 2, 4, 8)`` planes.
         blocks: residual blocks per stage conv2..conv5, overriding the depth of ``name``.
@@ -395,7 +396,19 @@ def build_resnet(
         knobs = f"base_filters={spec.base_filters}, blocks={spec.blocks}"
         if spec.grouped:
             knobs += f", groups={spec.groups}, width_per_group={spec.width_per_group}"
-        load_weights_file(model, os.fspath(weights), knobs, keras_app=published)
+        try:
+            load_weights_file(model, os.fspath(weights), knobs, keras_app=published)
+        except ValueError:
+            if max(levels) == 5:
+                raise
+            # The top stages are not built (levels stop below C5): the file may be a full
+            # backbone's. Load it into one and copy the shared layers by name; a file that
+            # fits neither raises the full model's error.
+            full = build_resnet(
+                name, input_shape, weights, base_filters=base_filters, blocks=blocks,
+                groups=groups, width_per_group=width_per_group,
+            )  # fmt: skip
+            copy_weights_by_name(full, model, strict=False)
     return model
 
 
