@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from pycocotools.cocoeval import COCOeval, Params
 
 __all__ = [
     "BBOX_METRICS",
@@ -824,24 +824,10 @@ def match_dataset(
 # Box found, class wrong
 # --------------------------------------------------------------------------------------------
 
-#: COCO's area ranges in px² (``COCOeval.params.areaRng``): small < 32², medium < 96², large.
-SIZE_RANGES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, np.inf)}
-
-
-def _xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
-
-
-def _iou_xyxy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``(N, 4) x (M, 4)`` xyxy -> ``(N, M)`` float64 IoU (0 where the union is empty)."""
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=-1)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=-1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+#: COCO's box area ranges in px² by label ("all", "small" < 32², "medium" < 96², "large"), from
+#: pycocotools' own ``Params``.
+_BOX_PARAMS = Params(iouType="bbox")
+_AREA_RANGES = dict(zip(_BOX_PARAMS.areaRngLbl, map(tuple, _BOX_PARAMS.areaRng), strict=True))
 
 
 @dataclass
@@ -887,9 +873,8 @@ class BoxVersusClass:
         """``{"all" | "small" | "medium" | "large": {"objects", "found", "class right"}}``:
         the number of boxes, the fraction found, and the fraction of the *found* ones whose
         best-scoring covering detection has the right class (NaN when none is found)."""
-        ranges = {"all": (0.0, np.inf), **SIZE_RANGES}
         table = {}
-        for name, (lo, hi) in ranges.items():
+        for name, (lo, hi) in _AREA_RANGES.items():
             keep = (self.gt_area >= lo) & (self.gt_area < hi)
             found = self.found[keep]
             right = self.class_right[keep]
@@ -909,7 +894,8 @@ def box_versus_class(coco_gt, detections, iou_threshold: float = 0.5) -> BoxVers
     is one, and the class of the highest-scoring one is what the detector "says" the object is.
     Unlike COCO's matching this is not one-to-one (one detection may cover two overlapping
     boxes): it asks whether any box is there, not whether AP would count it. Crowd annotations
-    are left out. IoUs are float64, in the boxes' xywh pixels.
+    are left out. IoUs come from :func:`dlnotes.boxes.pairwise_iou` (float32, as everywhere in
+    dlnotes).
 
     Args:
         coco_gt: as in :func:`coco_evaluate` (``COCO``, path or dict).
@@ -924,6 +910,8 @@ def box_versus_class(coco_gt, detections, iou_threshold: float = 0.5) -> BoxVers
         ValueError: a detection with an unknown image or category id, a missing key or a
             non-finite value (as :func:`coco_evaluate`); a threshold outside ``(0, 1]``.
     """
+    from dlnotes.boxes import convert_format, pairwise_iou  # TensorFlow is only needed here
+
     if not 0 < iou_threshold <= 1:
         raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
     gt = _load_ground_truth(coco_gt)
@@ -942,10 +930,10 @@ def box_versus_class(coco_gt, detections, iou_threshold: float = 0.5) -> BoxVers
         dets = per_image.get(image_id, [])
         if not dets:
             continue
-        gt_boxes = _xywh_to_xyxy([anns[i]["bbox"] for i in rows])
-        det_boxes = _xywh_to_xyxy([d["bbox"] for d in dets])
+        gt_boxes = convert_format([anns[i]["bbox"] for i in rows], "xywh", "xyxy")
+        det_boxes = convert_format([d["bbox"] for d in dets], "xywh", "xyxy")
         det_scores = np.array([d["score"] for d in dets])
-        covers = _iou_xyxy(gt_boxes, det_boxes) >= iou_threshold  # (g, d)
+        covers = pairwise_iou(gt_boxes, det_boxes).numpy() >= iou_threshold  # (g, d)
         ranked = np.where(covers, det_scores[None, :], -np.inf)
         best = np.argmax(ranked, axis=1)
         for row, i in enumerate(rows):

@@ -223,8 +223,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if os.path.exists(args.out):
         parser.error(f"{args.out} exists and is kept; choose another --out")
-    if not os.path.exists(os.path.join(args.data, "manifest.json")):
-        generate_shapes_dataset(args.data, **PRETRAIN_DATA)
+    # writes the set once; an existing folder must hold exactly this set (else FileExistsError)
+    generate_shapes_dataset(args.data, **PRETRAIN_DATA)
     train = load_shapes("train", root=args.data)
     val = load_shapes("val", root=args.data)
     start = time.perf_counter()
