@@ -24,27 +24,7 @@ One module per idea, each used by every model of the book:
 * :mod:`dlnotes.viz` — matplotlib drawing of boxes, anchors, assignments, heatmaps, curves
 """
 
-from dlnotes import (
-    anchors,
-    backbones,
-    boxes,
-    centerness,
-    comparison,
-    darknet_io,
-    data,
-    evaluation,
-    flops,
-    losses,
-    matching,
-    models,
-    necks,
-    postprocess,
-    pretraining,
-    roi,
-    saving,
-    training,
-    viz,
-)
+import importlib
 
 __version__ = "0.1.0"
 
@@ -70,3 +50,17 @@ __all__ = [
     "training",
     "viz",
 ]
+
+# The submodules load on first use (``dlnotes.viz``, ``from dlnotes import viz``), so that
+# ``import dlnotes`` and ``python -m dlnotes.<module>`` do not start TensorFlow before they need it.
+_SUBMODULES = frozenset(__all__) - {"__version__"}
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"dlnotes.{name}")
+    raise AttributeError(f"module 'dlnotes' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -5,6 +5,8 @@ COCO-format data set (an annotations JSON and a folder of images).
 
     dlnotes train    --data data/shapes --preset retinanet_tiny_256 --workdir runs/r --epochs 8
     dlnotes train    --workdir runs/r --resume --epochs 12       # continue from the last epoch
+    dlnotes train    --data data/shapes --preset retinanet_tiny_256 --workdir runs/f \
+                     --backbone-weights shapes --freeze-backbone   # a pre-trained, frozen backbone
     dlnotes evaluate --model-file runs/r/model.keras --data data/shapes       # COCO mAP, val split
     dlnotes predict  --model-file runs/r/model.keras --images photos/ --output runs/r/photos
     dlnotes export   --model-file runs/r/model.keras --output runs/r/saved_model
@@ -23,9 +25,10 @@ every epoch in ``WORKDIR/backup`` (``keras.callbacks.BackupAndRestore``) and the
 ``WORKDIR/run.json``, which ``--resume`` reads. No command replaces an existing file unless given
 ``--overwrite`` (:mod:`dlnotes.saving`).
 
-Problems with the input — a missing file or folder, a malformed JSON, an unknown preset, a model
-whose class count differs from the data's — end the command with exit status 2 and a one-line
-message (:class:`UsageError`), before anything is trained or written.
+Problems with the input — a missing file or folder, a malformed JSON, an unknown preset, backbone
+weights that do not fit the preset's backbone, a model whose class count differs from the data's —
+end the command with exit status 2 and a one-line message (:class:`UsageError`), before anything
+is trained or written.
 """
 
 from __future__ import annotations
@@ -91,18 +94,23 @@ FAMILIES = {
 }
 #: ``--strategy`` names (see :func:`make_strategy`).
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
+#: ``--backbone-weights`` values that name weights rather than a file.
+NAMED_WEIGHTS = ("shapes", "imagenet")
 #: Image files ``predict`` reads from a folder.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 #: Settings of a training run (saved in ``run.json``; ``--resume`` reuses them) and the defaults
 #: of a new run. ``None``: derived from the data (``steps_per_epoch``: one pass over the training
-#: images; ``warmup_steps``: a tenth of the steps, at most 100; ``image_size``: the preset's).
+#: images; ``warmup_steps``: a tenth of the steps, at most 100; ``image_size``: the preset's);
+#: ``backbone_weights`` None: the preset's random initialisation.
 RUN_DEFAULTS = {
     "preset": None,
     "model_file": None,
     "annotations": None,
     "images": None,
     "image_size": None,
+    "backbone_weights": None,
+    "freeze_backbone": False,
     "batch_size": 8,
     "steps_per_epoch": None,
     "learning_rate": 2e-3,
@@ -253,6 +261,19 @@ def _model_file(path):
     return Path(path)
 
 
+def _backbone_weights(weights):
+    """``--backbone-weights``: a name of :data:`NAMED_WEIGHTS` unchanged, or the absolute path of
+    an existing weights file (:class:`UsageError` if it does not exist)."""
+    if weights in NAMED_WEIGHTS:
+        return weights
+    if not Path(weights).is_file():
+        raise UsageError(
+            f"--backbone-weights {weights}: file not found (expected {' or '.join(NAMED_WEIGHTS)} "
+            "or a .weights.h5 file)"
+        )
+    return str(Path(weights).resolve())
+
+
 # ----------------------------------------------------------------------------- distribution
 
 
@@ -306,13 +327,16 @@ def build_detector(settings, data):
 
     Args:
         settings: the run's settings (:data:`RUN_DEFAULTS` keys): a new detector of
-            ``settings["preset"]`` (at ``settings["image_size"]`` if given) with the data's
-            classes (and keypoints), or the saved detector ``settings["model_file"]``.
+            ``settings["preset"]`` (at ``settings["image_size"]`` if given, its backbone from
+            ``settings["backbone_weights"]`` if given) with the data's classes (and keypoints),
+            or the saved detector ``settings["model_file"]``; with
+            ``settings["freeze_backbone"]`` its backbone (BatchNorms included) is not trained.
         data: the training :class:`CocoDataset`.
 
     Raises:
         UsageError: an unknown preset; a keypoint preset on data without keypoints; a saved
-            model whose classes differ from the data's; an input size the model cannot take.
+            model whose classes differ from the data's; an input size the model cannot take;
+            backbone weights that do not exist or do not fit the preset's backbone.
     """
     if settings["model_file"] is not None:
         model = load_detector(settings["model_file"])
@@ -329,12 +353,22 @@ def build_detector(settings, data):
             kwargs["num_keypoints"] = data.num_keypoints
         if settings["image_size"] is not None:
             kwargs["image_size"] = (settings["image_size"],) * 2
+        weights = settings["backbone_weights"]
+        if weights is not None:
+            kwargs["backbone_weights"] = weights
         try:
             model = cls.from_preset(settings["preset"], **kwargs)
+        except FileNotFoundError as err:
+            raise UsageError(f"--backbone-weights {weights}: {_one_line(err)}") from err
         except ValueError as err:
-            raise UsageError(f"preset {settings['preset']!r}: {_one_line(err)}") from err
+            source = f"preset {settings['preset']!r}"
+            if weights is not None:
+                source += f" with --backbone-weights {weights}"
+            raise UsageError(f"{source}: {_one_line(err)}") from err
     if not model.built:  # a YOLOv3 builds itself in __init__
         model.build((None, *model.image_size, 3))
+    if settings["freeze_backbone"]:
+        model.backbone.trainable = False  # its BatchNorms too: they run in inference mode
     return model
 
 
@@ -397,6 +431,9 @@ def _given_settings(args):
     given = {key: getattr(args, key, None) for key in RUN_DEFAULTS}
     given["horizontal_flip"] = False if args.no_flip else None
     given["jit_compile"] = True if args.xla else None
+    given["freeze_backbone"] = True if args.freeze_backbone else None
+    if args.backbone_weights is not None:
+        given["backbone_weights"] = _backbone_weights(args.backbone_weights)
     if args.data is not None or args.annotations is not None:
         annotations, images = dataset_paths(args.data, args.split, args.annotations, args.images)
         given["annotations"] = str(annotations.resolve())
@@ -414,6 +451,11 @@ def _run_settings(args, run_file):
     if not args.resume:
         if given["preset"] is not None and given["model_file"] is not None:
             raise UsageError("give either --preset (a new detector) or --model-file, not both")
+        if given["backbone_weights"] is not None and given["model_file"] is not None:
+            raise UsageError(
+                "--backbone-weights is for a new detector (--preset), not with --model-file "
+                "(a saved detector has its own weights)"
+            )
         if given["preset"] is None and given["model_file"] is None:
             find_preset(None, args.model)  # names the presets
         if given["preset"] is not None:
@@ -425,7 +467,7 @@ def _run_settings(args, run_file):
     if not run_file.is_file():
         raise UsageError(f"--resume: {run_file} not found (no run was started in this workdir)")
     saved = json.loads(run_file.read_text())
-    settings, epochs = saved["settings"], saved["epochs"]
+    settings, epochs = {**RUN_DEFAULTS, **saved["settings"]}, saved["epochs"]  # keys added later
     for key, value in given.items():
         if value is not None and value != settings[key]:
             raise UsageError(
@@ -491,8 +533,13 @@ def train_command(args):
         workdir.mkdir(parents=True, exist_ok=True)
         with writing(run_file, overwrite=True, owner="dlnotes train") as tmp:
             Path(tmp).write_text(json.dumps({"settings": settings, "epochs": epochs}, indent=2))
+    backbone = ""
+    if settings["backbone_weights"] is not None:
+        backbone += f", backbone weights {settings['backbone_weights']}"
+    if settings["freeze_backbone"]:
+        backbone += ", backbone frozen"
     print(
-        f"{type(model).__name__} ({settings['preset'] or settings['model_file']}), "
+        f"{type(model).__name__} ({settings['preset'] or settings['model_file']}{backbone}), "
         f"{model.count_params():,} parameters, input {tuple(model.image_size)}; {len(data)} "
         f"images, {data.num_classes} classes; {epochs} epochs of {recipe.log_every} steps of "
         f"{recipe.batch_size} images on {strategy.num_replicas_in_sync} replica(s)"
@@ -798,6 +845,12 @@ def build_parser():
     model.add_argument("--model-file", metavar="FILE", help="start from a saved .keras detector")
     model.add_argument("--image-size", type=_positive(int), help="square input size (default: "
                        "the preset's)")  # fmt: skip
+    model.add_argument("--backbone-weights", metavar="W", help="a new detector's backbone "
+                       "weights: shapes (shipped, for resnet_tiny, darknet53 at initial_filters=4 "
+                       "and efficientnet_tiny), imagenet (downloads, where the backbone has them) "
+                       "or a .weights.h5 file (default: random)")  # fmt: skip
+    model.add_argument("--freeze-backbone", action="store_true", help="do not train the backbone "
+                       "(its BatchNorms included): only the neck and heads learn")  # fmt: skip
     run = train.add_argument_group("training (the book's recipe)")
     run.add_argument("--workdir", required=True, help="run folder: run.json, backup/, logs/, "
                      "model.keras")  # fmt: skip

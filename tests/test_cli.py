@@ -1,7 +1,8 @@
 """Tests of the ``dlnotes`` command line (dlnotes.cli) on a tiny shapes data set (8 + 4 images
 of 128 px): ``python -m dlnotes`` train -> --resume -> evaluate -> predict -> export in
-subprocesses, the input errors (exit status 2 and one line, before anything runs), and one
-training step of the CLI's model and optimizer on two replicas against one device."""
+subprocesses, a run from the shipped backbone weights, frozen, the input errors (exit status 2 and
+one line, before anything runs), and one training step of the CLI's model and optimizer on two
+replicas against one device."""
 
 import json
 import os
@@ -11,12 +12,14 @@ import sys
 import textwrap
 
 import cv2
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from _reference import script_beside_tests, script_result
 
 from dlnotes import cli
+from dlnotes.backbones import build_backbone
 from dlnotes.data import CocoDataset, generate_shapes_dataset
 from dlnotes.models import RetinaNet
 from dlnotes.saving import load_model, save_model
@@ -165,6 +168,85 @@ def _assert_same_detections(got, want):
     np.testing.assert_allclose([d["score"] for d in got], [d["score"] for d in want], atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- backbone weights
+
+
+def test_train_from_the_shapes_backbone_frozen_and_resume(files, tmp_path, capsys):
+    work = tmp_path / "run"
+    common = ["--workdir", work, "--steps-per-epoch", 1, "--batch-size", 2]
+    first = ["train", "--data", files["data"], "--preset", "retinanet_tiny_256", "--image-size",
+             SIZE, "--backbone-weights", "shapes", "--freeze-backbone", *common,
+             "--epochs", 1]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main([str(a) for a in first]) == 0
+    assert "backbone weights shapes, backbone frozen" in capsys.readouterr().out
+    settings = json.loads((work / "run.json").read_text())["settings"]
+    assert settings["backbone_weights"] == "shapes" and settings["freeze_backbone"] is True
+
+    # --resume rebuilds the same model from run.json: the shapes weights, frozen
+    resumed = work / "model2.keras"
+    assert cli.main(["train", "--workdir", str(work), "--resume", "--epochs", "2",
+                     "--output", str(resumed)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "resuming after epoch 1" in out and "backbone frozen" in out
+    assert "optimizer step 2" in out  # the optimizer state of the frozen model was restored
+
+    # the backbone (BatchNorm statistics included) is the shipped one after both runs; the rest
+    # trained
+    shipped = build_backbone("resnet_tiny", weights="shapes").get_weights()
+    one, two = load_model(work / "model.keras", compile=False), load_model(resumed, compile=False)
+    for model in (one, two):
+        for got, want in zip(model.backbone.get_weights(), shipped, strict=True):
+            np.testing.assert_array_equal(got, want)
+    changed = [
+        not np.array_equal(a, b) for a, b in zip(one.get_weights(), two.get_weights(), strict=True)
+    ]
+    assert any(changed)
+
+
+def test_freeze_backbone_of_a_new_and_a_saved_model(files):
+    data = cli.load_dataset(files["train_annotations"])
+    shipped = build_backbone("resnet_tiny", weights="shapes").get_weights()
+    base = {**cli.RUN_DEFAULTS, "steps_per_epoch": 1, "warmup_steps": 0, "freeze_backbone": True}
+    new = {**base, "preset": "retinanet_tiny_256", "image_size": SIZE, "backbone_weights": "shapes"}
+    saved = {**base, "model_file": str(files["start"])}
+    models = [cli.prepare_training(settings, 1, data, cli.make_strategy("default"))[0]
+              for settings in (new, saved)]  # fmt: skip
+    for model in models:
+        assert model.backbone.trainable is False
+        assert model.backbone.trainable_weights == [] and model.trainable_weights
+        norms = [layer for layer in model.backbone._flatten_layers()
+                 if isinstance(layer, keras.layers.BatchNormalization)]  # fmt: skip
+        assert norms and not any(layer.trainable for layer in norms)
+    for got, want in zip(models[0].backbone.get_weights(), shipped, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_backbone_weights_errors_exit_2_with_one_line(files, tmp_path, capsys):
+    work = tmp_path / "w"
+    new = ["train", "--data", files["data"], "--workdir", work, "--backbone-weights"]
+    _refused([*new, "shapes", "--preset", "retinanet_resnet50_fpn"], capsys,
+             "preset 'retinanet_resnet50_fpn' with --backbone-weights shapes: resnet50: no shapes "
+             "weights")  # fmt: skip
+    _refused([*new, "shapes", "--preset", "faster_rcnn_tiny_256"], capsys,
+             "--backbone-weights shapes: vgg16: no shapes weights")  # fmt: skip
+    _refused([*new, "shapes", "--preset", "yolov3_mini_256"], capsys,
+             "--backbone-weights shapes: darknet53")  # fmt: skip
+    _refused([*new, "imagenet", "--preset", "retinanet_tiny_256"], capsys,
+             "--backbone-weights imagenet: resnet_tiny: no ImageNet weights")  # fmt: skip
+    missing = tmp_path / "missing.weights.h5"
+    _refused([*new, missing, "--preset", "retinanet_tiny_256"], capsys,
+             f"--backbone-weights {missing}: file not found")  # fmt: skip
+    _refused([*new, "shapes", "--model-file", files["start"]], capsys,
+             "is for a new detector (--preset), not with --model-file")  # fmt: skip
+    assert not work.exists()  # nothing was written
+    # a weights file that went missing after the command line was read (the builder's error)
+    settings = {**cli.RUN_DEFAULTS, "preset": "retinanet_tiny_256"}
+    settings["backbone_weights"] = str(missing)
+    with pytest.raises(cli.UsageError, match="^--backbone-weights .*does not exist"):
+        cli.build_detector(settings, cli.load_dataset(files["train_annotations"]))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -224,6 +306,10 @@ def test_resume_keeps_the_run_settings(files, tmp_path, capsys):
     _refused(["train", "--workdir", work, "--resume", "--preset", "yolov3_mini_256"], capsys,
              "preset is 'retinanet_tiny_256' there, not 'yolov3_mini_256'")  # fmt: skip
     _refused(["train", "--workdir", work, "--resume", "--batch-size", 3], capsys, "batch_size")
+    _refused(["train", "--workdir", work, "--resume", "--freeze-backbone"], capsys,
+             "freeze_backbone is False there, not True")  # fmt: skip
+    _refused(["train", "--workdir", work, "--resume", "--backbone-weights", "shapes"], capsys,
+             "backbone_weights is None there, not 'shapes'")  # fmt: skip
     _refused(["train", "--data", files["data"], "--preset", "retinanet_tiny_256", "--workdir",
               work], capsys, "checkpoint of an earlier run (2 epochs); pass --resume")  # fmt: skip
     _refused(["train", "--workdir", tmp_path / "new", "--resume"], capsys, "run.json not found")

@@ -113,8 +113,8 @@ def test_shapes_weights_are_shipped_and_load_into_backbones_and_detectors(tmp_pa
 
 
 def test_shapes_weights_errors():
-    with pytest.raises(ValueError, match=r"darknet53: no shapes weights.*\['resnet_tiny'\]"):
-        build_backbone("darknet53", (64, 64, 3), weights="shapes")
+    with pytest.raises(ValueError, match=r"resnet18: no shapes weights.*\['resnet_tiny'\]"):
+        build_backbone("resnet18", (64, 64, 3), weights="shapes")
     with pytest.raises(ValueError, match="no shapes weights"):
         preprocess_for("resnet50", "shapes")
     # other knobs, other layers: the shipped file does not fit and says so
@@ -127,9 +127,10 @@ def test_shipped_file_is_a_complete_weights_file():
 
     import dlnotes.backbones.registry as registry
 
-    path = Path(registry.__file__).parent / "shapes_weights" / SHAPES_WEIGHTS["resnet_tiny"]
-    with h5py.File(path, "r") as f:
-        assert "layers" in f
+    for entry in SHAPES_WEIGHTS.values():
+        path = Path(registry.__file__).parent / "shapes_weights" / entry.file
+        with h5py.File(path, "r") as f:
+            assert "layers" in f
 
 
 def test_command_line_keeps_an_existing_file(tmp_path, capsys):

@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from dlnotes.anchors import YOLO_COCO_ANCHORS, YOLO_MASKS, YoloAnchors
-from dlnotes.backbones import build_darknet53, preprocess_for
+from dlnotes.backbones import build_backbone, preprocess_for
 from dlnotes.boxes import clip_boxes, yolo_decode
 from dlnotes.darknet_io import darknet_units, load_darknet_weights, yolov3_config_from_cfg
 from dlnotes.losses import yolo_loss
@@ -157,7 +157,8 @@ class YOLOv3(Detector):
         ignore_thresh: IoU above which a negative prediction is ignored (0.5).
         box_loss: ``"offset"`` (xy BCE + wh L2) or ``"ciou"``.
         objectness_prior: None (darknet) or ``pi`` for a prior-probability objectness bias.
-        backbone_weights: None, or a Darknet-53 weights file (see ``build_darknet53``); used at
+        backbone_weights: None, a Darknet-53 weights file (see ``build_darknet53``) or ``"shapes"``
+            (the shipped pre-trained body, for ``initial_filters=4``); used at
             construction only.
         negative_slope: leaky ReLU slope (0.1).
         score_threshold, iou_threshold, max_detections: post-processing (darknet's mAP
@@ -221,7 +222,8 @@ class YOLOv3(Detector):
         self.max_detections = int(max_detections)
 
         self.preprocessing = preprocess_for("darknet53")  # RGB / 255, darknet's input
-        self.backbone = build_darknet53(
+        self.backbone = build_backbone(
+            "darknet53",
             (*self.image_size, 3),
             initial_filters=self.initial_filters,
             negative_slope=self.negative_slope,
