@@ -26,9 +26,8 @@ help:
 	@echo "make bench      run the benchmarks in benchmarks/"
 	@echo "make side-by-side  train the five detectors for chapter 8 (about 35 min on 2 cores) into"
 	@echo "                $(SIDE_BY_SIDE), which must not hold their files yet"
-	@echo "make pretrain   pre-train resnet_tiny, darknet53 and efficientnet_tiny on the shapes (about"
-	@echo "                1.5 h) into $(SHAPES_WEIGHTS), whose files must be moved away first"
-	@echo "                (the shipped files are what weights=\"shapes\" loads)"
+	@echo "make pretrain   pre-train resnet_tiny on the shapes (about 20 min) into $(SHAPES_WEIGHTS),"
+	@echo "                whose file must be moved away first (the shipped file is what weights=\"shapes\" loads)"
 	@echo "make lint       ruff check + format check (notebooks: tools/notebook_style.py --check)"
 	@echo "make format-notebooks  format notebook code to the text column, NBVAL tags, hide tags"
 
@@ -85,18 +84,13 @@ side-by-side: install data
 	$(PY) benchmarks/time_to_ap50.py --model RetinaNet --backbone-weights shapes --freeze-backbone \
 		--save $(SIDE_BY_SIDE) --json $(SIDE_BY_SIDE)/pretrained.json
 
-# The backbones pre-trained on the shapes that weights="shapes" loads (dlnotes.pretraining, its own
-# data set in data/shapes_pretrain; on 2 cores about 15 min for resnet_tiny, 35 for darknet53 at
-# chapter 4's width, 35 for efficientnet_tiny). It refuses to overwrite, so move the shipped files
-# away first.
+# The backbone pre-trained on the shapes that weights="shapes" loads (dlnotes.pretraining: about
+# 20 min on 2 cores, its own data set in data/shapes_pretrain); it refuses to overwrite, so move
+# the shipped file away first. Other backbones: python -m dlnotes.pretraining --backbone NAME.
 SHAPES_WEIGHTS := dlnotes/backbones/shapes_weights
 pretrain: install
 	$(PY) -m dlnotes.pretraining --backbone resnet_tiny --data data/shapes_pretrain \
 		--out $(SHAPES_WEIGHTS)/resnet_tiny.weights.h5
-	$(PY) -m dlnotes.pretraining --backbone darknet53 --knob initial_filters=4 --steps 1200 \
-		--data data/shapes_pretrain --out $(SHAPES_WEIGHTS)/darknet53_f4.weights.h5
-	$(PY) -m dlnotes.pretraining --backbone efficientnet_tiny --steps 1200 \
-		--data data/shapes_pretrain --out $(SHAPES_WEIGHTS)/efficientnet_tiny.weights.h5
 
 bench: install data
 	$(PY) benchmarks/iou_matching.py

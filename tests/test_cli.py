@@ -231,7 +231,7 @@ def test_backbone_weights_errors_exit_2_with_one_line(files, tmp_path, capsys):
     _refused([*new, "shapes", "--preset", "faster_rcnn_tiny_256"], capsys,
              "--backbone-weights shapes: vgg16: no shapes weights")  # fmt: skip
     _refused([*new, "shapes", "--preset", "yolov3_mini_256"], capsys,
-             "--backbone-weights shapes: darknet53")  # fmt: skip
+             "--backbone-weights shapes: darknet53: no shapes weights")  # fmt: skip
     _refused([*new, "imagenet", "--preset", "retinanet_tiny_256"], capsys,
              "--backbone-weights imagenet: resnet_tiny: no ImageNet weights")  # fmt: skip
     missing = tmp_path / "missing.weights.h5"

@@ -157,8 +157,7 @@ class YOLOv3(Detector):
         ignore_thresh: IoU above which a negative prediction is ignored (0.5).
         box_loss: ``"offset"`` (xy BCE + wh L2) or ``"ciou"``.
         objectness_prior: None (darknet) or ``pi`` for a prior-probability objectness bias.
-        backbone_weights: None, a Darknet-53 weights file (see ``build_darknet53``) or ``"shapes"``
-            (the shipped pre-trained body, for ``initial_filters=4``); used at
+        backbone_weights: None or a Darknet-53 weights file (see ``build_darknet53``); used at
             construction only.
         negative_slope: leaky ReLU slope (0.1).
         score_threshold, iou_threshold, max_detections: post-processing (darknet's mAP
