@@ -846,9 +846,8 @@ def build_parser():
     model.add_argument("--image-size", type=_positive(int), help="square input size (default: "
                        "the preset's)")  # fmt: skip
     model.add_argument("--backbone-weights", metavar="W", help="a new detector's backbone "
-                       "weights: shapes (shipped, for resnet_tiny, darknet53 at initial_filters=4 "
-                       "and efficientnet_tiny), imagenet (downloads, where the backbone has them) "
-                       "or a .weights.h5 file (default: random)")  # fmt: skip
+                       "weights: shapes (shipped, for resnet_tiny), imagenet (downloads, where the "
+                       "backbone has them) or a .weights.h5 file (default: random)")  # fmt: skip
     model.add_argument("--freeze-backbone", action="store_true", help="do not train the backbone "
                        "(its BatchNorms included): only the neck and heads learn")  # fmt: skip
     run = train.add_argument_group("training (the book's recipe)")
