@@ -35,9 +35,9 @@ LINEUP: dict[str, tuple[str, str, dict]] = {
 """Name -> (class name in :mod:`dlnotes.models`, preset, overrides): the models of the CPU
 profiles of chapters 3 (RetinaNet), 4 (YOLOv3, half width, the paper's best-of-all assignment),
 5 (EfficientDet), 6 (Faster R-CNN on ``resnet_tiny``'s stride-16 map) and 7 (the keypoint
-model), each built from scratch (random initial weights): chapters 3 and 6 start their
-backbone from the shapes weights (``backbone_weights="shapes"``), which chapter 8 compares on
-its own for RetinaNet."""
+model), each built from scratch (random initial weights): chapters 3, 6 and 7 (and chapter 2's
+comparison of necks) start their backbone from the shapes weights (``backbone_weights="shapes"``,
+frozen), which chapter 8 compares on its own for RetinaNet."""
 
 
 def build_detector(name: str, dataset, image_size: int = 256, **overrides):
