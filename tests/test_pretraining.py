@@ -149,6 +149,18 @@ def test_command_line_keeps_an_existing_file(tmp_path, capsys):
     assert out.read_bytes() == b"mine"
 
 
+@pytest.mark.parametrize(
+    "knob, message",
+    [("initial_filters", "expected NAME=VALUE"), ("initial_filters=four", "not a Python literal")],
+)
+def test_command_line_refuses_malformed_knobs(tmp_path, capsys, knob, message):
+    out = tmp_path / "new.weights.h5"
+    with pytest.raises(SystemExit):
+        pretraining.main(["--out", str(out), "--data", str(tmp_path / "none"), "--knob", knob])
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "none").exists()
+
+
 @pytest.mark.parametrize("levels", [(4,), (2, 3, 4, 5)])
 def test_shapes_weights_load_into_backbones_with_other_levels(levels):
     # Faster R-CNN reads C4 only (the top stage is not built), the keypoint model C2-C5
