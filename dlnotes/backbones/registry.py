@@ -32,7 +32,6 @@ __all__ = [
     "BACKBONES",
     "SHAPES_WEIGHTS",
     "Backbone",
-    "ShapesWeights",
     "build_backbone",
     "output_strides",
     "preprocess_for",
@@ -60,28 +59,13 @@ class Backbone:
     description: str
 
 
-@dataclasses.dataclass(frozen=True)
-class ShapesWeights:
-    """A shipped ``weights="shapes"`` file: its name in ``dlnotes/backbones/shapes_weights`` and
-    the knobs it was pre-trained with (a backbone asking for it must be built with them)."""
-
-    file: str
-    knobs: dict = dataclasses.field(default_factory=dict)
+#: Backbones with shipped ``weights="shapes"``: name -> file in ``dlnotes/backbones/shapes_weights``
+#: (made by ``python -m dlnotes.pretraining``, for the backbone's default knobs).
+SHAPES_WEIGHTS = {"resnet_tiny": "resnet_tiny.weights.h5"}
 
 
-#: Backbones with shipped ``weights="shapes"`` (made by ``python -m dlnotes.pretraining``):
-#: resnet_tiny at its default knobs.
-SHAPES_WEIGHTS = {
-    "resnet_tiny": ShapesWeights("resnet_tiny.weights.h5"),
-}
-
-
-_DEFAULT = object()  # a knob left at the builder's default
-
-
-def _resolve_weights(name, weights, knobs=None):
-    """``"shapes"`` -> the shipped file of backbone ``name`` (``knobs`` must match the file's);
-    anything else unchanged."""
+def _resolve_weights(name, weights):
+    """``"shapes"`` -> the shipped file of backbone ``name``; anything else unchanged."""
     if not (isinstance(weights, str) and weights == "shapes"):
         return weights
     if name not in SHAPES_WEIGHTS:
@@ -89,16 +73,7 @@ def _resolve_weights(name, weights, knobs=None):
             f"{name}: no shapes weights; weights='shapes' exists for {list(SHAPES_WEIGHTS)} "
             "(make them for another backbone with python -m dlnotes.pretraining)"
         )
-    entry = SHAPES_WEIGHTS[name]
-    for knob, value in entry.knobs.items():
-        if knobs is not None and knobs.get(knob, _DEFAULT) != value:
-            given = f"{knob}={knobs[knob]!r}" if knob in knobs else f"no {knob} (its default)"
-            raise ValueError(
-                f"{name}: the shapes weights were pre-trained with {knob}={value!r}, got {given}; "
-                "build the backbone with the same knobs, or pre-train your own "
-                "(python -m dlnotes.pretraining --knob)"
-            )
-    return os.fspath(Path(__file__).parent / "shapes_weights" / entry.file)
+    return os.fspath(Path(__file__).parent / "shapes_weights" / SHAPES_WEIGHTS[name])
 
 
 #: Every backbone by name; see :func:`register_backbone`.
@@ -141,7 +116,7 @@ def build_backbone(
         ValueError: unknown name, or what the family's builder raises (knobs out of range, a
             weights file that does not fit); ``FileNotFoundError`` for a missing weights file.
     """
-    return _entry(name).build(input_shape, _resolve_weights(name, weights, knobs), **knobs)
+    return _entry(name).build(input_shape, _resolve_weights(name, weights), **knobs)
 
 
 def preprocess_for(name: str, weights: str | os.PathLike | None = None) -> ImagePreprocessing:
